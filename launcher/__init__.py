@@ -1,0 +1,32 @@
+"""Start data-parallel PyTorch training on one machine or many, through torchrun or horovodrun.
+
+Usage::
+
+    python -m launcher --gpus 2                                  # built-in trainer, default config
+    python -m launcher --gpus 2 optimizer=sgd optimizer.lr=0.05 trainer.max_steps=300
+    python -m launcher --nodes 2 --gpus 8 --node-rank 0 --master-addr 10.0.0.1   # run on each node
+    python -m launcher --gpus 2 -- path/to/any_torchrun_script.py --its-args
+    python -m launcher --backend horovod --gpus 2                # horovodrun, Horovod's optimizer
+    python -m launcher --gpus 2 --dry-run                        # print the exact commands, start nothing
+
+``--gpus`` is ranks per node. With CUDA each rank gets one GPU (its LOCAL_RANK) and talks NCCL;
+without CUDA the ranks run on the CPU and talk gloo, and the launcher says so.
+
+Config: Hydra groups in ``configs/`` (model, data, optimizer, schedule, trainer); overrides are
+``KEY=VALUE`` words. They are checked before anything starts: a bad key or value exits with status
+2 and one line naming it.
+
+Run directory (``runs/<name or timestamp>/``, or ``--run-dir``): ``config.yaml`` (the resolved
+config every rank trains), ``plan.json`` (these commands), ``logs/`` (per-rank stdout/stderr),
+``checkpoints/`` (rank 0, atomic, newest K kept), ``tb/`` (TensorBoard), ``result.json``.
+Launching again into the same run directory resumes from its newest intact checkpoint;
+``--no-resume`` starts at step 0 and moves the old checkpoints aside.
+
+Environment each rank gets (torchrun's contract, so any torchrun script runs unmodified):
+RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, plus
+PYTHONUNBUFFERED=1, OMP_NUM_THREADS (cores / ranks unless set) and LAUNCHER_RUN_DIR.
+
+Exit status: 0 on success; 2 for bad input (nothing was started); the failing rank's exit code
+after a failure (the launcher prints which rank failed and the tail of its log); 130/143 after
+SIGINT/SIGTERM.
+"""

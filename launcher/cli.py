@@ -1,0 +1,194 @@
+"""Command line: parse -> compose config -> plan -> run directory -> supervise. See launcher/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from launcher import __doc__ as MANUAL
+from launcher.backends import backend_names, get_backend
+from launcher.config import DEFAULT_CONFIG_DIR, compose_config
+from launcher.errors import UsageError
+from launcher.plan import LaunchOptions, LaunchPlan, plan_launch
+from launcher.supervisor import Supervisor, find_failure
+from workers.config import to_yaml
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}. HINT: python -m launcher --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m launcher", description=MANUAL,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. optimizer=sgd optimizer.lr=0.05")
+    g = p.add_argument_group("job shape")
+    g.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="ranks per node: one GPU each; CPU ranks on gloo when there is no CUDA "
+                        "(default: all GPUs, or 1 CPU rank)")
+    g.add_argument("--node-rank", "--node_rank", type=int, default=None, help="this node's index (multi-node)")
+    g.add_argument("--master-addr", "--master_addr", default=None, help="address of node 0 (multi-node)")
+    g.add_argument("--master-port", "--master_port", type=int, default=None,
+                   help="rendezvous port (default: a free port on one node, 29500 on several)")
+    g.add_argument("--backend", default="torchrun", choices=backend_names(), help="default: torchrun")
+    g.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
+                   help="restart all ranks this many times after a failure (default 0: fail fast)")
+    h = p.add_argument_group("horovod")
+    h.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
+    h.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
+    h.add_argument("--controller", default="gloo", choices=("gloo", "mpi"), help="horovodrun controller")
+    h.add_argument("--network-interface", default=None, help="horovodrun --network-interface")
+    h.add_argument("--timeline", default=None, help="write a Horovod timeline to this file")
+    h.add_argument("--fusion-threshold-mb", type=int, default=None, help="Horovod tensor fusion buffer")
+    h.add_argument("--cycle-time-ms", type=float, default=None, help="Horovod cycle time")
+    r = p.add_argument_group("run directory")
+    r.add_argument("--run-dir", type=Path, default=None, help="default: RUNS_ROOT/NAME or RUNS_ROOT/<timestamp>")
+    r.add_argument("--name", default=None, help="run name; rerunning a name resumes it")
+    r.add_argument("--runs-root", type=Path, default=Path("runs"), help="default: ./runs")
+    r.add_argument("--no-resume", action="store_true",
+                   help="start at step 0; earlier checkpoints and TensorBoard files are moved aside, not deleted")
+    r.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help="Hydra config directory")
+    p.add_argument("--dry-run", action="store_true", help="print the exact commands and env; start nothing")
+    return p
+
+
+def parse_hostfile(path: Path) -> list[str]:
+    """DeepSpeed/MPI 'host slots=N' or horovod 'host:N' lines -> ['host:N', ...]; '#' starts a comment."""
+    if not path.is_file():
+        raise UsageError(f"hostfile {path} does not exist")
+    hosts = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) == 1 and ":" in parts[0] and parts[0].rsplit(":", 1)[1].isdigit():
+            hosts.append(parts[0])
+        elif len(parts) == 1:
+            hosts.append(parts[0])
+        elif len(parts) == 2 and parts[1].startswith("slots=") and parts[1][6:].isdigit():
+            hosts.append(f"{parts[0]}:{parts[1][6:]}")
+        else:
+            raise UsageError(f"{path}:{number}: bad hostfile line {raw.strip()!r}: expected 'host slots=N' or 'host:N'")
+    if not hosts:
+        raise UsageError(f"hostfile {path} lists no hosts")
+    return hosts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def options_from_args(args: argparse.Namespace, program: list[str]) -> LaunchOptions:
+    hosts = args.hosts.split(",") if args.hosts else []
+    if args.hostfile is not None:
+        hosts += parse_hostfile(args.hostfile)
+    if args.run_dir is not None:
+        run_dir = args.run_dir
+    else:
+        run_dir = args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))
+    return LaunchOptions(
+        backend=args.backend, nodes=args.nodes, gpus=args.gpus, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port, hosts=tuple(hosts),
+        controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
+        fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
+        max_restarts=args.max_restarts, run_dir=run_dir.resolve(), program=tuple(program),
+    )
+
+
+def describe(plan: LaunchPlan) -> str:
+    """The plan as an aligned block, then each command exactly as it will run."""
+    facts = {"backend": plan.backend, "device": plan.device + (" (NCCL)" if plan.device == "cuda" else " (gloo)"),
+             "nodes": plan.nnodes, "ranks per node": plan.nproc_per_node, "world size": plan.world_size,
+             "node rank": plan.node_rank, "master": f"{plan.master_addr}:{plan.master_port}",
+             "max restarts": plan.max_restarts, "run dir": plan.run_dir}
+    lines = [f"  {k:<15} {v}" for k, v in facts.items()]
+    for cmd in plan.commands:
+        lines.append(f"  [{cmd.name}] env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in cmd.env.items()))
+        lines.append(f"  [{cmd.name}] cmd: {shlex.join(cmd.argv)}")
+    return "\n".join(lines)
+
+
+def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool) -> None:
+    """Write the resolved config and the plan. --no-resume moves old state aside; nothing is deleted."""
+    run_dir = plan.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        old = [run_dir / d for d in ("checkpoints", "tb") if (run_dir / d).exists()]
+        if old:
+            aside = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            aside.mkdir(parents=True)
+            for d in old:
+                d.rename(aside / d.name)
+            print(f"launcher: --no-resume: moved earlier {', '.join(d.name for d in old)} to {aside}")
+    if config_yaml is not None:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    record = {k: v for k, v in asdict(plan).items() if k != "commands"}
+    record["commands"] = [{"name": c.name, "argv": list(c.argv), "env": dict(c.env)} for c in plan.commands]
+    (run_dir / "plan.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def run(argv: list[str]) -> int:
+    program: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, program = argv[:cut], argv[cut + 1 :]
+        if not program:
+            raise UsageError("nothing after `--`: expected `-- script.py args` or `-- -m module args`")
+    args = build_parser().parse_intermixed_args(argv)
+    if program and args.overrides:
+        raise UsageError(f"config overrides {args.overrides} apply to the built-in trainer only, "
+                         "not to a script given after `--`")
+    if program and program[0] != "-m" and not Path(program[0]).is_file():
+        raise UsageError(f"script {program[0]} not found (working directory: {Path.cwd()})")
+    cfg = None if program else compose_config(args.overrides, args.config_dir)
+    opts = options_from_args(args, program)
+    plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
+                       cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ)
+    if args.dry_run:
+        print("launcher: dry run, nothing started\n" + describe(plan))
+        return 0
+    problem = get_backend(plan.backend).check_available()
+    if problem:
+        raise UsageError(problem)
+    prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=args.no_resume)
+    if plan.device == "cpu":
+        print(f"launcher: no CUDA device found: running {plan.nproc_per_node} CPU rank(s) per node on gloo")
+    print("launcher: starting\n" + describe(plan), flush=True)
+    sup = Supervisor(list(plan.commands))
+    code = sup.run()
+    if code != 0:
+        failure = find_failure(list(sup.output), plan.run_dir / "logs")
+        if failure is None:
+            tail = list(sup.output)[-20:]
+            print(f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(tail),
+                  file=sys.stderr)
+        else:
+            print(failure.describe(), file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:
+        print(f"launcher: error: {e}", file=sys.stderr)
+        return e.exit_code

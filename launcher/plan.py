@@ -1,0 +1,134 @@
+"""Launch planning: parsed options + facts about the machine -> the exact commands to run.
+
+:func:`plan_launch` is a pure function: it starts nothing, reads no environment and writes no file,
+so every plan can be tested (and printed by ``--dry-run``) without starting a process. Everything
+impure it needs (CUDA device count, a free port, core count, the interpreter) is passed in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from launcher.errors import UsageError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node must agree on it, so no random port
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cmd:
+    """One process the supervisor starts: an argv list (never a shell string) plus env additions."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str = "node0"  # prefix for this command's console lines when there are several
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions:
+    """What the user asked for (the CLI's parse result)."""
+
+    backend: str = "torchrun"
+    nodes: int = 1
+    gpus: int | None = None  # ranks per node; None = all CUDA devices, or 1 CPU rank
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    hosts: tuple[str, ...] = ()  # horovod: host names (each gets --gpus slots) or host:slots
+    controller: str = "gloo"  # horovod: gloo | mpi
+    network_interface: str | None = None  # horovod: --network-interface
+    timeline: str | None = None  # horovod: --timeline-filename
+    fusion_threshold_mb: int | None = None  # horovod tuning
+    cycle_time_ms: float | None = None  # horovod tuning
+    max_restarts: int = 0
+    run_dir: Path
+    program: tuple[str, ...] = ()  # `-- script.py args` (or `-- -m module args`); () = built-in trainer
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchPlan:
+    backend: str
+    device: str  # cuda | cpu: NCCL on cuda, gloo on cpu
+    nnodes: int
+    nproc_per_node: int
+    world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    hosts: tuple[tuple[str, int], ...]  # (host, slots); empty in per-node mode
+    controller: str
+    run_dir: Path
+    program: tuple[str, ...]  # what each rank runs, as an argv after the interpreter
+    python: str
+    env: Mapping[str, str]  # added to every rank's environment
+    max_restarts: int
+    tuning: Mapping[str, str] = field(default_factory=dict)  # backend-specific pass-through options
+    commands: tuple[Cmd, ...] = ()
+
+    @property
+    def builtin(self) -> bool:
+        return self.program[:3] == ("-m", "workers.train", "--run-dir")
+
+
+def parse_host(entry: str, default_slots: int) -> tuple[str, int]:
+    """'node1' -> ('node1', default_slots); 'node1:4' -> ('node1', 4)."""
+    host, _, slots = entry.partition(":")
+    if not host or (slots and not slots.isdigit()) or slots == "0":
+        raise UsageError(f"bad host {entry!r}: expected NAME or NAME:SLOTS, e.g. node1:8")
+    return host, int(slots) if slots else default_slots
+
+
+def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_count: int,
+                python: str, env: Mapping[str, str]) -> LaunchPlan:
+    """Validate ``opts`` against the machine and build the plan (commands included)."""
+    from launcher.backends import get_backend  # backends import this module
+
+    backend = get_backend(opts.backend)
+    gpus = opts.gpus if opts.gpus is not None else max(device_count, 1)
+    if gpus < 1:
+        raise UsageError(f"--gpus {gpus}: need at least 1 rank per node")
+    if device_count and gpus > device_count:
+        raise UsageError(f"--gpus {gpus} but this machine has {device_count} CUDA device(s). "
+                         f"HINT: --gpus {device_count}")
+    if opts.nodes < 1:
+        raise UsageError(f"--nodes {opts.nodes}: need at least 1 node")
+    if opts.max_restarts < 0:
+        raise UsageError(f"--max-restarts {opts.max_restarts}: must be >= 0")
+    hosts = tuple(parse_host(h, gpus) for h in opts.hosts)
+    nodes = len(hosts) or opts.nodes
+    if hosts and opts.nodes not in (1, nodes):
+        raise UsageError(f"--nodes {opts.nodes} but {nodes} hosts given; drop --nodes or make them agree")
+    world = sum(slots for _, slots in hosts) if hosts else nodes * gpus
+    node_rank = opts.node_rank if opts.node_rank is not None else 0
+    if not 0 <= node_rank < nodes:
+        raise UsageError(f"--node-rank {node_rank} is outside 0..{nodes - 1}")
+    if nodes > 1 and not hosts and (opts.node_rank is None or opts.master_addr is None):
+        raise UsageError(f"--nodes {nodes} needs --node-rank and --master-addr on each node (run the "
+                         f"launcher once per node), e.g. --nodes {nodes} --node-rank 0 --master-addr node0")
+    program = opts.program or ("-m", "workers.train", "--run-dir", str(opts.run_dir))
+    if opts.program and opts.program[0] != "-m" and not opts.program[0].endswith(".py"):
+        raise UsageError(f"{opts.program[0]!r} is not a Python script: pass `-- script.py args` or "
+                         "`-- -m package.module args`")
+    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    worker_env = {
+        "PYTHONUNBUFFERED": "1",  # rank output reaches the console line by line
+        "PYTHONPATH": pythonpath,  # `-m workers.train` works from any working directory
+        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, cpu_count // gpus))),
+        "LAUNCHER_RUN_DIR": str(opts.run_dir),
+    }
+    tuning = {k: str(v) for k, v in (("timeline-filename", opts.timeline),
+                                      ("fusion-threshold-mb", opts.fusion_threshold_mb),
+                                      ("cycle-time-ms", opts.cycle_time_ms),
+                                      ("network-interface", opts.network_interface)) if v is not None}
+    plan = LaunchPlan(
+        backend=backend.name, device="cuda" if device_count else "cpu", nnodes=nodes,
+        nproc_per_node=gpus, world_size=world, node_rank=node_rank,
+        master_addr=opts.master_addr or "127.0.0.1",
+        master_port=opts.master_port or (free_port if nodes == 1 else DEFAULT_MASTER_PORT),
+        hosts=hosts, controller=opts.controller, run_dir=opts.run_dir, program=program,
+        python=python, env=worker_env, max_restarts=opts.max_restarts, tuning=tuning,
+    )
+    return replace(plan, commands=tuple(backend.build_commands(plan)))

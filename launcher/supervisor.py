@@ -1,0 +1,135 @@
+"""Run a plan's commands: stream their output, forward signals, report which rank failed and why."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from launcher.plan import Cmd
+
+TAIL_LINES = 50
+GRACE_S = 30.0  # after SIGTERM, how long children get to checkpoint and exit before SIGKILL
+
+# torchrun's failure report (torch.distributed.elastic ChildFailedError) names the root cause so:
+_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
+_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+@dataclass
+class Failure:
+    rank: int | None
+    exit_code: int
+    log: Path | None = None
+    tail: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        how = (f"killed by signal {signal.Signals(-self.exit_code).name}" if self.exit_code < 0
+               else f"exit code {self.exit_code}")
+        who = f"rank {self.rank}" if self.rank is not None else "a rank"
+        lines = [f"launcher: {who} failed ({how})" + (f"; log: {self.log}" if self.log else "")]
+        if self.tail:
+            lines.append(f"---- last {len(self.tail)} lines of {'its log' if self.log else 'output'} ----")
+            lines += self.tail
+        return "\n".join(lines)
+
+
+def find_failure(output: list[str], log_dir: Path) -> Failure | None:
+    """The first failed rank as torchrun reported it, with the tail of its own log file."""
+    rank = local_rank = code = None
+    for i, line in enumerate(output):
+        if "Root Cause" in line:
+            for follow in output[i:]:
+                if rank is None and (m := _RANK.match(follow)):
+                    rank, local_rank = int(m.group(1)), int(m.group(2))
+                elif rank is not None and (m := _EXIT.match(follow)):
+                    code = int(m.group(1))
+                    break
+            break
+    if rank is None or code is None:
+        return None
+    logs = sorted(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
+    log = logs[-1] if logs else None
+    tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
+    return Failure(rank, code, log, tail)
+
+
+class Supervisor:
+    def __init__(self, commands: list[Cmd], out: TextIO = sys.stdout) -> None:
+        self.commands, self.out = commands, out
+        self.procs: list[subprocess.Popen] = []
+        self.output: deque[str] = deque(maxlen=2000)  # enough to hold torchrun's failure report
+        self.signals: list[int] = []
+        self._lock = threading.Lock()
+
+    def _pump(self, proc: subprocess.Popen, prefix: str) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            with self._lock:
+                self.output.append(line)
+                self.out.write(f"{prefix}{line}\n")
+                self.out.flush()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        # first signal: ask every child to stop (they checkpoint and exit); second: kill now
+        self._kill_all(signal.SIGKILL if len(self.signals) > 1 else signal.SIGTERM)
+
+    def _kill_all(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)  # the whole session: torchrun and its ranks
+                except ProcessLookupError:
+                    pass
+
+    def run(self) -> int:
+        """Start every command, wait for all; the first failure stops the rest. Returns an exit code."""
+        multi = len(self.commands) > 1
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        pumps = []
+        try:
+            for cmd in self.commands:
+                proc = subprocess.Popen(list(cmd.argv), env={**os.environ, **cmd.env}, text=True, bufsize=1,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True, errors="replace")
+                self.procs.append(proc)
+                pump = threading.Thread(target=self._pump, args=(proc, f"[{cmd.name}] " if multi else ""),
+                                        daemon=True)
+                pump.start()
+                pumps.append(pump)
+            code = self._wait()
+        finally:
+            self._kill_all(signal.SIGKILL)  # nothing of ours outlives the launcher
+            for p in self.procs:
+                p.wait()
+            for pump in pumps:
+                pump.join(timeout=5)
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if self.signals:
+            return 128 + self.signals[0]
+        return code
+
+    def _wait(self) -> int:
+        deadline = None
+        while True:
+            codes = [p.poll() for p in self.procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if all(c is not None for c in codes):
+                return failed[0] if failed else 0
+            if (failed or self.signals) and deadline is None:
+                self._kill_all(signal.SIGTERM)
+                deadline = time.monotonic() + GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                self._kill_all(signal.SIGKILL)
+            time.sleep(0.1)

@@ -1,0 +1,156 @@
+"""Rank-0 checkpoints that survive crashes: atomic files, a manifest, keep-last-K, verified loads.
+
+Layout (``RUN_DIR/checkpoints/``)::
+
+    step-00000040.pt     torch.save of {"model", "optimizer", "train_state", "rng", "config", "meta"}
+    step-00000040.json   manifest: step, size, sha256, format, world_size, config_hash, ...
+
+Each file is written to a temp file in the same directory, fsynced, renamed, and the directory is
+fsynced; the manifest is written last, so a checkpoint counts only once its manifest exists. A load
+verifies size and sha256 and falls back to the previous checkpoint with a warning when the newest is
+damaged. Every rank calls :meth:`CheckpointManager.save` and :meth:`load`; only rank 0 writes, and
+all ranks meet at a barrier, so callers never test the rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MODEL, OPTIMIZER, TRAIN_STATE, RNG, CONFIG, META = "model", "optimizer", "train_state", "rng", "config", "meta"
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def should_save(step: int, last_step: bool, every: int) -> bool:
+    return last_step or step % every == 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(fileobj)`` to a temp file beside ``path``, fsync, rename, fsync dir."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_steps(directory: Path) -> list[int]:
+    """Steps that have a checkpoint file, newest first."""
+    if not directory.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(steps, reverse=True)
+
+
+def ckpt_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:08d}.pt"
+
+
+def verify(directory: Path, step: int) -> str | None:
+    """None if checkpoint ``step`` is complete and intact, else why not."""
+    path, manifest_path = ckpt_path(directory, step), ckpt_path(directory, step).with_suffix(".json")
+    if not manifest_path.exists():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest: {e}"
+    if manifest.get("format") != FORMAT_VERSION:
+        return f"format {manifest.get('format')} is not {FORMAT_VERSION}"
+    if not path.exists() or path.stat().st_size != manifest["size"]:
+        return f"size differs from manifest ({manifest['size']} bytes)"
+    if _sha256(path) != manifest["sha256"]:
+        return "sha256 differs from manifest"
+    return None
+
+
+def latest_valid(directory: Path, warn: Callable[[str], None]) -> int | None:
+    for step in list_steps(directory):
+        problem = verify(directory, step)
+        if problem is None:
+            return step
+        warn(f"checkpoint {ckpt_path(directory, step)} is unusable ({problem}); trying the previous one")
+    return None
+
+
+class CheckpointManager:
+    def __init__(self, directory: Path, comm: Any, every: int, keep: int, meta: dict[str, Any]) -> None:
+        self.directory, self.comm, self.every, self.keep, self.meta = directory, comm, every, keep, meta
+
+    def _warn(self, msg: str) -> None:
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+    def save(self, step: int, last_step: bool, state: Callable[[], dict[str, Any]]) -> None:
+        if not should_save(step, last_step, self.every):
+            return
+        if self.comm.is_main:
+            self._write(step, state())
+        self.comm.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = ckpt_path(self.directory, step)
+        state[META] = {**self.meta, "step": step, "format": FORMAT_VERSION}
+        try:
+            atomic_write(path, lambda f: torch.save(state, f))
+            manifest = {**state[META], "file": path.name, "size": path.stat().st_size, "sha256": _sha256(path)}
+            atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                                  "earlier checkpoints are untouched. HINT: free space or fix permissions "
+                                  f"on {self.directory}") from e
+        self._purge()
+
+    def _purge(self) -> None:
+        for step in list_steps(self.directory)[self.keep :]:
+            for p in (ckpt_path(self.directory, step), ckpt_path(self.directory, step).with_suffix(".json")):
+                p.unlink(missing_ok=True)
+
+    def load(self, step: int | None = None) -> dict[str, Any] | None:
+        """Newest intact checkpoint (or ``step``), loaded on every rank; None if there is none."""
+        if self.comm.is_main:
+            if step is None:
+                step = latest_valid(self.directory, self._warn)
+            elif (problem := verify(self.directory, step)) is not None:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
+        step = self.comm.broadcast_object(step)
+        if step is None:
+            return None
+        # weights_only: a checkpoint is data, never code
+        return torch.load(ckpt_path(self.directory, step), map_location="cpu", weights_only=True)

@@ -1,0 +1,159 @@
+"""The trainer's one communication interface, and its torch.distributed implementations.
+
+The training loop only calls :class:`Comm` methods; it never names DDP or Horovod. Pick one with
+:func:`build_comm` (``"ddp"``, ``"horovod"``, or ``"auto"`` = DDP when several ranks, else a single
+process). Horovod's implementation lives in ``horovod_comm.py`` so that ``horovod`` is imported
+only when asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workers.dist_env import DistEnv
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """One GPU per rank (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Comm(Protocol):
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    name: str
+
+    @property
+    def is_main(self) -> bool: ...
+    def wrap_model(self, model: nn.Module) -> nn.Module: ...
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       accum_steps: int) -> torch.optim.Optimizer: ...
+    def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager: ...
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> float: ...
+    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def broadcast_object(self, obj: Any) -> Any: ...
+    def barrier(self) -> None: ...
+    def unwrap(self, model: nn.Module) -> nn.Module: ...
+    def close(self) -> None: ...
+
+
+def _clip(model: nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+class SingleProcessComm:
+    """World size 1: no process group, nothing to synchronise."""
+
+    name = "single"
+
+    def __init__(self, env: DistEnv) -> None:
+        self.rank, self.world_size, self.local_rank, self.local_world_size = 0, 1, env.local_rank, 1
+        self.device = pick_device(env.local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer, model, accum_steps):  # noqa: ANN001, ANN201
+        return optimizer
+
+    def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> float:
+        norm = _clip(model, max_norm)
+        optimizer.step()
+        return norm
+
+    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def close(self) -> None:
+        pass
+
+
+class DDPComm(SingleProcessComm):
+    """torch.distributed + DistributedDataParallel: NCCL on GPUs, gloo on CPU."""
+
+    name = "ddp"
+
+    def __init__(self, env: DistEnv, timeout_s: float = 300) -> None:
+        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        self.local_world_size = env.local_world_size
+        self.device = pick_device(env.local_rank)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # env:// reads MASTER_ADDR/PORT, RANK and WORLD_SIZE: the torchrun contract
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=self.device if self.device.type == "cuda" else None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        # gradients are all-reduced only on the last micro-step of an accumulation window
+        return contextlib.nullcontext() if last_micro_step else model.no_sync()
+
+    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor / self.world_size
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_comm(kind: str, env: DistEnv) -> Comm:
+    """``kind``: auto | ddp | horovod. ``auto`` means DDP for several ranks, else single process."""
+    if kind == "horovod":
+        from workers.horovod_comm import HorovodComm  # lazy: horovod is an optional extra
+
+        return HorovodComm()
+    if kind == "ddp" or (kind == "auto" and env.world_size > 1):
+        return DDPComm(env)
+    if kind == "auto":
+        return SingleProcessComm(env)
+    raise ValueError(f"unknown comm {kind!r}: expected auto | ddp | horovod")

@@ -1,0 +1,44 @@
+"""Worker entry point: one rank of a data-parallel training job.
+
+Started by the launcher (through torchrun, horovodrun or mpirun) as::
+
+    python -m workers.train --run-dir RUN_DIR [--comm auto|ddp|horovod]
+
+It reads ``RUN_DIR/config.yaml`` (written by the launcher, so every rank trains the same config),
+finds its rank from the environment (see workers/dist_env.py), resumes from the newest intact
+checkpoint in ``RUN_DIR/checkpoints`` if there is one, and trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from workers import config
+from workers.comm import build_comm
+from workers.dist_env import DistEnv
+from workers.trainer import Trainer
+
+
+@record  # under torchrun, a crash's traceback lands in the failure report
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--comm", default="auto", choices=("auto", "ddp", "horovod"))
+    args = parser.parse_args(argv)
+    cfg = config.load(args.run_dir / "config.yaml")
+    comm = build_comm(args.comm, DistEnv.from_env(os.environ))
+    try:
+        Trainer(cfg, comm, args.run_dir).train()
+    finally:
+        comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

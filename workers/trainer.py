@@ -1,0 +1,168 @@
+"""The training loop: data-parallel batch training that reads top to bottom (nanoGPT style)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from workers import checkpoint as ck
+from workers.comm import Comm
+from workers.config import Config, to_dict, to_yaml
+from workers.data import ResumableSampler, build_data
+from workers.metrics import build_logger, flatten
+from workers.model import build_model
+from workers.optim import build_optimizer, lr_at, peak_lr, set_lr
+
+
+class _Lines:
+    """tqdm target for pipes and log files: one line per refresh instead of carriage returns."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, comm: Comm, run_dir: Path) -> None:
+        self.cfg, self.comm, self.run_dir = cfg, comm, run_dir
+        t, W = cfg.trainer, comm.world_size
+        torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // comm.local_world_size))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.data = build_data(cfg.data)
+        self.model = build_model(cfg.model, self.data.num_features, self.data.num_classes).to(comm.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), W)
+        self.peak = peak_lr(cfg.optimizer, W)
+        self.sampler = ResumableSampler(self.data.train, W, comm.rank, cfg.seed)
+        self.step, self.epoch, self.epoch_pos = 0, 0, 0  # epoch_pos: global samples done this epoch
+        config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+        self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
+                                         {"world_size": W, "comm": comm.name, "config_hash": config_hash,
+                                          "torch_version": torch.__version__})
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if t.precision == "bf16" and comm.device.type == "cuda" else contextlib.nullcontext())
+        if t.precision == "bf16" and comm.device.type != "cuda" and comm.is_main:
+            print("trainer.precision=bf16 applies on CUDA only; training in fp32 on the CPU", flush=True)
+
+    # -- checkpoint state ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            ck.MODEL: self.comm.unwrap(self.model).state_dict(),
+            ck.OPTIMIZER: self.optimizer.state_dict(),
+            ck.TRAIN_STATE: {"step": self.step, "epoch": self.epoch, "epoch_pos": self.epoch_pos},
+            ck.RNG: {"torch": torch.get_rng_state(), "python": random.getstate()},
+            ck.CONFIG: to_dict(self.cfg),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state[ck.MODEL])
+        self.optimizer.load_state_dict(state[ck.OPTIMIZER])
+        ts = state[ck.TRAIN_STATE]
+        self.step, self.epoch, self.epoch_pos = ts["step"], ts["epoch"], ts["epoch_pos"]
+        if self.comm.is_main:  # other ranks re-seeded deterministically below; rank 0 continues exactly
+            torch.set_rng_state(state[ck.RNG]["torch"])
+            random.setstate(state[ck.RNG]["python"])
+
+    # -- data --------------------------------------------------------------------------------
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless stream of this rank's batches; keeps (epoch, epoch_pos) current for checkpoints."""
+        B, W = self.cfg.data.batch_size, self.comm.world_size
+        while True:
+            self.sampler.set_epoch(self.epoch, start=self.epoch_pos)
+            for x, y in DataLoader(self.data.train, batch_size=B, sampler=self.sampler, drop_last=True):
+                self.epoch_pos += B * W
+                yield x.to(self.comm.device, non_blocking=True), y.to(self.comm.device, non_blocking=True)
+            self.epoch, self.epoch_pos = self.epoch + 1, 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test-split loss and accuracy; each rank scores a shard and the sums are all-reduced."""
+        model, test = self.model, self.data.test
+        model.eval()
+        idx = torch.arange(self.comm.rank, len(test), self.comm.world_size)
+        x, y = (t.to(self.comm.device) for t in TensorDataset(*test.tensors)[idx])
+        with self.autocast:
+            logits = model(x).float()
+        sums = torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
+                             (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        loss_sum, correct, count = self.comm.allreduce_mean(sums.to(self.comm.device)).tolist()
+        model.train()
+        return {"test/loss": loss_sum / count, "test/accuracy": correct / count}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
+        state = self.ckpt.load()
+        if state is not None:
+            self.restore(state)
+            if comm.is_main:
+                print(f"resuming from step {self.step} (epoch {self.epoch}, sample {self.epoch_pos})", flush=True)
+        random.seed(cfg.seed + comm.rank + self.step)
+        if state is None or not comm.is_main:
+            torch.manual_seed(cfg.seed + comm.rank + self.step)
+        model = self.model = comm.wrap_model(self.model)
+        opt = self.optimizer = comm.wrap_optimizer(self.optimizer, model, t.grad_accum_steps)
+        metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
+        data = self.batches()
+        samples_per_step = cfg.data.batch_size * t.grad_accum_steps * comm.world_size
+        tty = sys.stdout.isatty()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not comm.is_main, desc="train",
+                   file=sys.stdout if tty else _Lines(sys.stdout), mininterval=1.0 if tty else 5.0,
+                   ascii=not tty, ncols=None if tty else 100)
+        result: dict[str, float] = {}
+        tick, tick_step = time.perf_counter(), self.step
+        while self.step < t.max_steps:
+            lr = lr_at(self.step, self.peak, cfg.schedule, t.max_steps)
+            set_lr(opt, lr)
+            loss_sum = torch.zeros((), device=comm.device)
+            for micro in range(t.grad_accum_steps):
+                x, y = next(data)
+                with comm.no_sync(model, last_micro_step=micro == t.grad_accum_steps - 1), self.autocast:
+                    loss = F.cross_entropy(model(x).float(), y) / t.grad_accum_steps
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = comm.clip_and_step(opt, model, t.grad_clip)
+            opt.zero_grad(set_to_none=True)
+            self.step += 1
+            last = self.step == t.max_steps
+            bar.update(1)
+            if self.step % t.log_every == 0 or last:
+                loss_avg = comm.allreduce_mean(loss_sum).item()  # .item() syncs with the device
+                now = time.perf_counter()
+                rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
+                tick, tick_step = now, self.step
+                metrics.log({"train/loss": loss_avg, "lr": lr, "train/grad_norm": grad_norm,
+                             "perf/samples_per_s": rate, "train/epoch": self.epoch}, self.step)
+                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.ckpt.save(self.step, last, self.state)
+            if self.step % t.eval_every == 0 or last:
+                result = self.evaluate()
+                metrics.log(result, self.step)
+        bar.close()
+        result = result or self.evaluate()
+        if comm.is_main:
+            print(f"step {self.step}: test accuracy {result['test/accuracy']:.4f}, "
+                  f"test loss {result['test/loss']:.4f}", flush=True)
+            (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
+            metrics.hparams(flatten(to_dict(cfg)), {"hparam/" + k: v for k, v in result.items()})
+        metrics.close()
+        return result
