@@ -72,9 +72,7 @@ def parse_hostfile(path: Path) -> list[str]:
         if not line:
             continue
         parts = line.split()
-        if len(parts) == 1 and ":" in parts[0] and parts[0].rsplit(":", 1)[1].isdigit():
-            hosts.append(parts[0])
-        elif len(parts) == 1:
+        if len(parts) == 1 and ":" in parts[0] and parts[0].rsplit(":", 1)[1].isdigit() or len(parts) == 1:
             hosts.append(parts[0])
         elif len(parts) == 2 and parts[1].startswith("slots=") and parts[1][6:].isdigit():
             hosts.append(f"{parts[0]}:{parts[1][6:]}")

@@ -25,5 +25,6 @@ def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR) 
         return schema.from_container(OmegaConf.to_container(composed, resolve=True))
     except (HydraException, OmegaConfBaseException, schema.ConfigError) as e:
         lines = [ln.strip().rstrip(".") for ln in str(e).strip().splitlines()[:2] if ln.strip()]
-        raise UsageError(f"bad config override: {': '.join(lines) or type(e).__name__}. HINT: python -m launcher --help lists the config "
-                         f"groups; keys and defaults are in {config_dir}") from None
+        reason = ": ".join(lines) or type(e).__name__
+        raise UsageError(f"bad config override: {reason}. HINT: keys, choices and defaults are in "
+                         f"{config_dir} (schema: workers/config.py)") from None

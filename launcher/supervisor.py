@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -62,12 +63,36 @@ def find_failure(output: list[str], log_dir: Path) -> Failure | None:
     return Failure(rank, code, log, tail)
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc; torchrun starts each rank in a session of its own)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += children(child)
+    return out
+
+
+def _signal_pids(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 class Supervisor:
     def __init__(self, commands: list[Cmd], out: TextIO = sys.stdout) -> None:
         self.commands, self.out = commands, out
         self.procs: list[subprocess.Popen] = []
         self.output: deque[str] = deque(maxlen=2000)  # enough to hold torchrun's failure report
         self.signals: list[int] = []
+        self.deadline: float | None = None  # set once termination starts; SIGKILL after it
         self._lock = threading.Lock()
 
     def _pump(self, proc: subprocess.Popen, prefix: str) -> None:
@@ -80,22 +105,38 @@ class Supervisor:
                 self.out.flush()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGUSR1:
+            # checkpoint-now request (Slurm preemption warning): only the ranks take it; torchrun and
+            # horovodrun would die of SIGUSR1's default action
+            for p in self.procs:
+                _signal_pids(children(p.pid), signum)
+            return
         self.signals.append(signum)
         # first signal: ask every child to stop (they checkpoint and exit); second: kill now
-        self._kill_all(signal.SIGKILL if len(self.signals) > 1 else signal.SIGTERM)
+        if len(self.signals) > 1:
+            self._kill_all(signal.SIGKILL)
+        else:
+            self._terminate()
+
+    def _terminate(self) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + GRACE_S
+            self._kill_all(signal.SIGTERM)
 
     def _kill_all(self, sig: int) -> None:
         for p in self.procs:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)  # the whole session: torchrun and its ranks
-                except ProcessLookupError:
-                    pass
+                # SIGKILL must reach the ranks directly: they run in sessions of their own and
+                # would outlive a killed torchrun
+                ranks = descendants(p.pid) if sig == signal.SIGKILL else []
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+                _signal_pids(ranks, sig)
 
     def run(self) -> int:
         """Start every command, wait for all; the first failure stops the rest. Returns an exit code."""
         multi = len(self.commands) > 1
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         pumps = []
         try:
             for cmd in self.commands:
@@ -121,15 +162,13 @@ class Supervisor:
         return code
 
     def _wait(self) -> int:
-        deadline = None
         while True:
             codes = [p.poll() for p in self.procs]
             failed = [c for c in codes if c not in (None, 0)]
             if all(c is not None for c in codes):
                 return failed[0] if failed else 0
-            if (failed or self.signals) and deadline is None:
-                self._kill_all(signal.SIGTERM)
-                deadline = time.monotonic() + GRACE_S
-            if deadline is not None and time.monotonic() > deadline:
+            if failed:
+                self._terminate()  # one node failed: stop the others
+            if self.deadline is not None and time.monotonic() > self.deadline:
                 self._kill_all(signal.SIGKILL)
             time.sleep(0.1)

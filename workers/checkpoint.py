@@ -116,8 +116,8 @@ class CheckpointManager:
     def _warn(self, msg: str) -> None:
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
-    def save(self, step: int, last_step: bool, state: Callable[[], dict[str, Any]]) -> None:
-        if not should_save(step, last_step, self.every):
+    def save(self, step: int, last_step: bool, state: Callable[[], dict[str, Any]], force: bool = False) -> None:
+        if not (force or should_save(step, last_step, self.every)):
             return
         if self.comm.is_main:
             self._write(step, state())

@@ -25,6 +25,7 @@ from workers.data import ResumableSampler, build_data
 from workers.metrics import build_logger, flatten
 from workers.model import build_model
 from workers.optim import build_optimizer, lr_at, peak_lr, set_lr
+from workers.signals import SignalFlags
 
 
 class _Lines:
@@ -58,6 +59,7 @@ class Trainer:
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
                                           "torch_version": torch.__version__})
+        self.signals = SignalFlags()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and comm.device.type == "cuda" else contextlib.nullcontext())
         if t.precision == "bf16" and comm.device.type != "cuda" and comm.is_main:
@@ -153,11 +155,19 @@ class Trainer:
                 metrics.log({"train/loss": loss_avg, "lr": lr, "train/grad_norm": grad_norm,
                              "perf/samples_per_s": rate, "train/epoch": self.epoch}, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
-            self.ckpt.save(self.step, last, self.state)
+            asked = self.signals.poll(comm)
+            self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
+            if asked.stop:
+                if comm.is_main:
+                    print(f"stopping on request at step {self.step}: checkpoint saved", flush=True)
+                break
             if self.step % t.eval_every == 0 or last:
                 result = self.evaluate()
                 metrics.log(result, self.step)
         bar.close()
+        if self.step < t.max_steps:  # stopped by a signal: no final evaluation, exit quickly
+            metrics.close()
+            return result
         result = result or self.evaluate()
         if comm.is_main:
             print(f"step {self.step}: test accuracy {result['test/accuracy']:.4f}, "
