@@ -58,7 +58,7 @@ class Trainer:
         config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
-                                          "torch_version": torch.__version__})
+                                          "torch_version": str(torch.__version__)})
         self.signals = SignalFlags()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and comm.device.type == "cuda" else contextlib.nullcontext())

@@ -22,10 +22,12 @@ class TorchrunBackend:
             "--nnodes", str(plan.nnodes),
             "--nproc-per-node", str(plan.nproc_per_node),
             "--node-rank", str(plan.node_rank),
-            "--master-addr", plan.master_addr,
-            "--master-port", str(plan.master_port),
-            "--max-restarts", str(plan.max_restarts),
+            # c10d rendezvous on node 0: unlike the static one it starts a fresh round (and a fresh
+            # store prefix) on every restart, so --max-restarts works
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{plan.master_addr}:{plan.master_port}",
             "--rdzv-id", plan.run_dir.name,
+            "--max-restarts", str(plan.max_restarts),
             # per-rank stdout/stderr files under RUN_DIR/logs, teed to the console with a rank prefix
             "--log-dir", str(plan.run_dir / "logs"),
             "--tee", "3",
