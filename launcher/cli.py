@@ -160,7 +160,8 @@ def run(argv: list[str]) -> int:
     cfg = None if program else compose_config(args.overrides, args.config_dir)
     opts = options_from_args(args, program)
     plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
-                       cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ)
+                       cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ,
+                       is_root=os.geteuid() == 0)
     if args.dry_run:
         print("launcher: dry run, nothing started\n" + describe(plan))
         return 0

@@ -66,6 +66,7 @@ class LaunchPlan:
     env: Mapping[str, str]  # added to every rank's environment
     max_restarts: int
     tuning: Mapping[str, str] = field(default_factory=dict)  # backend-specific pass-through options
+    flags: Mapping[str, bool] = field(default_factory=dict)  # as_root, oversubscribe (mpirun)
     commands: tuple[Cmd, ...] = ()
 
     @property
@@ -82,7 +83,7 @@ def parse_host(entry: str, default_slots: int) -> tuple[str, int]:
 
 
 def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_count: int,
-                python: str, env: Mapping[str, str]) -> LaunchPlan:
+                python: str, env: Mapping[str, str], is_root: bool = False) -> LaunchPlan:
     """Validate ``opts`` against the machine and build the plan (commands included)."""
     from launcher.backends import get_backend  # backends import this module
 
@@ -130,5 +131,7 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         master_port=opts.master_port or (free_port if nodes == 1 else DEFAULT_MASTER_PORT),
         hosts=hosts, controller=opts.controller, run_dir=opts.run_dir, program=program,
         python=python, env=worker_env, max_restarts=opts.max_restarts, tuning=tuning,
+        flags={"as_root": is_root,
+               "oversubscribe": max((n for _, n in hosts), default=gpus) > cpu_count},
     )
     return replace(plan, commands=tuple(backend.build_commands(plan)))

@@ -22,9 +22,10 @@ class Backend(Protocol):
 
 def _registry() -> dict[str, Backend]:
     from launcher.backends.horovodrun import HorovodBackend
+    from launcher.backends.mpirun import MpirunBackend
     from launcher.backends.torchrun import TorchrunBackend
 
-    return {b.name: b for b in (TorchrunBackend(), HorovodBackend())}
+    return {b.name: b for b in (TorchrunBackend(), HorovodBackend(), MpirunBackend())}
 
 
 def backend_names() -> list[str]:

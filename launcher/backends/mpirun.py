@@ -1,0 +1,36 @@
+"""MPI backend: OpenMPI's mpirun starts one process per rank; mpi4py bootstraps torch.distributed."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+from launcher.plan import Cmd, LaunchPlan
+
+INSTALL_HINT = "HINT: apt-get install openmpi-bin libopenmpi-dev && pip install mpi4py"
+
+
+class MpirunBackend:
+    name = "mpi"
+
+    def build_commands(self, plan: LaunchPlan) -> list[Cmd]:
+        hosts = plan.hosts or (("localhost", plan.nproc_per_node),)
+        argv = ["mpirun", "-np", str(plan.world_size), "-H", ",".join(f"{h}:{n}" for h, n in hosts),
+                "--bind-to", "none",  # each rank sets its own threads; MPI's core binding would pin them all to one
+                "--tag-output",  # [job,rank]<stdout>: prefix per line
+                "--output-filename", str(plan.run_dir / "logs" / "mpi")]  # per-rank stdout/stderr files
+        if plan.flags.get("as_root"):
+            argv.append("--allow-run-as-root")
+        if plan.flags.get("oversubscribe"):
+            argv.append("--oversubscribe")
+        for key, value in plan.env.items():
+            argv += ["-x", f"{key}={value}"]
+        argv += [plan.python, "-m", "workers.mpi_env", *plan.program]
+        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="mpirun")]
+
+    def check_available(self) -> str | None:
+        if shutil.which("mpirun") is None:
+            return f"mpirun not found. {INSTALL_HINT}"
+        if importlib.util.find_spec("mpi4py") is None:
+            return f"mpi4py is not installed. {INSTALL_HINT}"
+        return None

@@ -1,0 +1,64 @@
+"""Run a program under mpirun with torchrun's environment contract, bootstrapped with mpi4py.
+
+    mpirun -np 4 ... python -m workers.mpi_env -m workers.train --run-dir RUN_DIR
+    mpirun -np 4 ... python -m workers.mpi_env path/to/torchrun_script.py --its-args
+
+Rank and world size come from MPI, the local rank from a shared-memory split of COMM_WORLD, and
+rank 0 picks MASTER_ADDR/MASTER_PORT and broadcasts them; then the program runs as if torchrun had
+started it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT),
+so torch.distributed starts with NCCL on GPUs or gloo on CPU and the same trainer runs.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import socket
+import sys
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _own_address() -> str:
+    """An address the other hosts can reach: the one this host uses to route outwards."""
+    host = socket.gethostname()
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"
+
+
+def torchrun_env() -> dict[str, str]:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this host's memory
+    leaders = world.Split(0 if node.Get_rank() == 0 else MPI.UNDEFINED, world.Get_rank())
+    node_rank = leaders.Get_rank() if leaders != MPI.COMM_NULL else -1
+    node_rank = node.bcast(node_rank, root=0)
+    master = world.bcast((os.environ.get("MASTER_ADDR") or _own_address(),
+                          int(os.environ.get("MASTER_PORT") or _free_port())) if world.Get_rank() == 0 else None,
+                         root=0)
+    return {"RANK": str(world.Get_rank()), "WORLD_SIZE": str(world.Get_size()),
+            "LOCAL_RANK": str(node.Get_rank()), "LOCAL_WORLD_SIZE": str(node.Get_size()),
+            "GROUP_RANK": str(node_rank), "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])}
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        sys.exit("usage: python -m workers.mpi_env (-m MODULE | SCRIPT.py) [ARGS...]")
+    os.environ.update(torchrun_env())
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
