@@ -41,7 +41,7 @@ class Comm(Protocol):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
                        accum_steps: int) -> torch.optim.Optimizer: ...
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager: ...
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> float: ...
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor: ...
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def broadcast_object(self, obj: Any) -> Any: ...
     def barrier(self) -> None: ...
@@ -49,11 +49,12 @@ class Comm(Protocol):
     def close(self) -> None: ...
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
+def _clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global grad norm (clipped to max_norm if > 0), left on the device: reading it would sync."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
-        return float(nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
 
 
 class SingleProcessComm:
@@ -78,7 +79,7 @@ class SingleProcessComm:
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> float:
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = _clip(model, max_norm)
         optimizer.step()
         return norm

@@ -147,12 +147,13 @@ class Trainer:
             self.step += 1
             last = self.step == t.max_steps
             bar.update(1)
+            metrics.log({"lr": lr}, self.step)  # every step: schedules are checked against their formula
             if self.step % t.log_every == 0 or last:
                 loss_avg = comm.allreduce_mean(loss_sum).item()  # .item() syncs with the device
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
-                metrics.log({"train/loss": loss_avg, "lr": lr, "train/grad_norm": grad_norm,
+                metrics.log({"train/loss": loss_avg, "train/grad_norm": grad_norm.item(),
                              "perf/samples_per_s": rate, "train/epoch": self.epoch}, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             asked = self.signals.poll(comm)
