@@ -1,0 +1,127 @@
+"""Horovod and MPI backends end to end: real horovodrun / mpirun, compared with torchrun."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
+
+has_mpi = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
+has_horovod = shutil.which("horovodrun") is not None and importlib.util.find_spec("horovod") is not None
+needs_mpi = pytest.mark.skipif(not has_mpi, reason="needs mpirun and mpi4py: bash scripts/setup.sh --test")
+needs_horovod = pytest.mark.skipif(not has_horovod, reason="needs horovod: bash scripts/install_horovod.sh")
+
+
+def launch(run_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def assert_same_series(a: list[tuple[int, float]], b: list[tuple[int, float]], rtol: float) -> None:
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert len(a) >= 10
+    torch.testing.assert_close(torch.tensor([v for _, v in a]), torch.tensor([v for _, v in b]), rtol=rtol, atol=0)
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("torchrun")
+    launch(run_dir, *SHORT)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@needs_mpi
+def test_mpi_backend_matches_torchrun(tmp_path: Path, torchrun_run: Path) -> None:
+    proc = launch(tmp_path, "--backend", "mpi", *SHORT)
+    assert "<stdout>:" in proc.stdout  # mpirun's per-rank tags
+    assert_same_series(losses(tmp_path), losses(torchrun_run), rtol=1e-5)
+    assert list((tmp_path / "logs" / "mpi").rglob("stdout")), "per-rank log files"
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_horovod_trains_digits(tmp_path: Path, controller: str) -> None:
+    launch(tmp_path, "--backend", "horovod", "--controller", controller)
+    result = (tmp_path / "result.json").read_text()
+    assert float(result.split('"test/accuracy":')[1].split(",")[0].strip(" }\n")) >= 0.95
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))  # rank 0 wrote checkpoints
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_horovod_matches_torchrun(tmp_path: Path, torchrun_run: Path) -> None:
+    launch(tmp_path, "--backend", "horovod", *SHORT)
+    assert_same_series(losses(tmp_path), losses(torchrun_run), rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_checkpoints_cross_backends(tmp_path: Path) -> None:
+    """horovod to step 40, torchrun resumes to 80 == torchrun 0..80 (and the other way round)."""
+    common = ["trainer.log_every=10", "trainer.eval_every=1000", "trainer.checkpoint_every=20"]
+    ref = tmp_path / "ref"
+    launch(ref, *common, "trainer.max_steps=80")
+    for first, second in (("horovod", "torchrun"), ("torchrun", "horovod")):
+        run_dir = tmp_path / f"{first}-{second}"
+        launch(run_dir, "--backend", first, *common, "trainer.max_steps=40")
+        proc = launch(run_dir, "--backend", second, *common, "trainer.max_steps=80")
+        assert "resuming from step 40" in proc.stdout
+        got, want = final_weights(run_dir), final_weights(ref)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_unmodified_horovod_script(tmp_path: Path) -> None:
+    script = tmp_path / "hvd_script.py"
+    script.write_text(
+        "import sys, horovod.torch as hvd, torch\n"
+        "hvd.init()\n"
+        "total = hvd.allreduce(torch.tensor([float(hvd.rank())]), op=hvd.Sum)\n"
+        "open(f'{sys.argv[1]}/rank{hvd.rank()}', 'w').write(f'{hvd.size()} {int(total.item())}')\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    launch(tmp_path / "run", "--backend", "horovod", "--", str(script), str(out))
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"rank0": "2 1", "rank1": "2 1"}
+
+
+def test_horovod_missing_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.backends.horovodrun import HorovodBackend
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # no horovodrun on PATH
+    problem = HorovodBackend().check_available()
+    assert problem is not None and "scripts/install_horovod.sh" in problem
