@@ -20,6 +20,8 @@ import os
 import re
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ import torch
 FORMAT_VERSION = 1
 MODEL, OPTIMIZER, TRAIN_STATE, RNG, CONFIG, META = "model", "optimizer", "train_state", "rng", "config", "meta"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+# Test hook: seconds to pause in the middle of writing a checkpoint file (to kill a rank mid-write).
+_SLOW_WRITE_S = float(os.environ.get("LAUNCHER_TEST_SLOW_SAVE_S", "0") or 0)
 
 
 class CheckpointError(RuntimeError):
@@ -109,27 +113,94 @@ def latest_valid(directory: Path, warn: Callable[[str], None]) -> int | None:
     return None
 
 
+class _HashingWriter:
+    """File wrapper that hashes what passes through, so the manifest needs no second read."""
+
+    def __init__(self) -> None:
+        self.f: Any = None
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        if _SLOW_WRITE_S:
+            time.sleep(_SLOW_WRITE_S)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Deep copy with every tensor cloned to CPU memory: a snapshot training can't change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 class CheckpointManager:
-    def __init__(self, directory: Path, comm: Any, every: int, keep: int, meta: dict[str, Any]) -> None:
+    """Rank 0 saves; with ``async_save`` a background thread writes a CPU snapshot (one in flight)."""
+
+    def __init__(self, directory: Path, comm: Any, every: int, keep: int, meta: dict[str, Any],
+                 async_save: bool = False) -> None:
         self.directory, self.comm, self.every, self.keep, self.meta = directory, comm, every, keep, meta
+        self.async_save = async_save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def _warn(self, msg: str) -> None:
         print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
-    def save(self, step: int, last_step: bool, state: Callable[[], dict[str, Any]], force: bool = False) -> None:
+    def save(self, step: int, last_step: bool, state: Callable[[], dict[str, Any]],
+             force: bool = False) -> float | None:
+        """Save if due (or forced); returns the training stall in seconds on rank 0, else None."""
         if not (force or should_save(step, last_step, self.every)):
-            return
+            return None
+        start = time.perf_counter()
         if self.comm.is_main:
-            self._write(step, state())
-        self.comm.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+            self.wait()  # at most one save in flight
+            if self.async_save and not (last_step or force):
+                snapshot = _to_cpu(state())
+                self._thread = threading.Thread(target=self._write_async, args=(step, snapshot),
+                                                name=f"checkpoint-{step}", daemon=True)
+                self._thread.start()
+            else:  # final and signal-triggered saves are on disk before we go on
+                self._write(step, state())
+        self.comm.barrier()  # nobody runs ahead of rank 0's snapshot
+        return time.perf_counter() - start if self.comm.is_main else None
+
+    def wait(self) -> None:
+        """Block until the save in flight is on disk; re-raise its error here, in the training thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_async(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            self._write(step, state)
+        except BaseException as e:  # surfaced by the next save() or wait()
+            self._error = e
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = ckpt_path(self.directory, step)
         state[META] = {**self.meta, "step": step, "format": FORMAT_VERSION}
+        hashing = _HashingWriter()
+
+        def dump(f: Any) -> None:
+            hashing.f = f
+            torch.save(state, hashing)
+
         try:
-            atomic_write(path, lambda f: torch.save(state, f))
-            manifest = {**state[META], "file": path.name, "size": path.stat().st_size, "sha256": _sha256(path)}
+            atomic_write(path, dump)
+            manifest = {**state[META], "file": path.name, "size": path.stat().st_size,
+                        "sha256": hashing.sha.hexdigest()}
             atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         except OSError as e:
             raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "

@@ -94,6 +94,7 @@ class TrainerConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False  # rank 0 snapshots to CPU and a thread writes; training goes on
     threads: int = 0  # torch threads per rank; 0 = cores / local ranks
 
     def __post_init__(self) -> None:

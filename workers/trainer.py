@@ -58,7 +58,8 @@ class Trainer:
         config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
-                                          "torch_version": str(torch.__version__)})
+                                          "torch_version": str(torch.__version__)},
+                                         async_save=t.async_checkpoint)
         self.signals = SignalFlags()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if t.precision == "bf16" and comm.device.type == "cuda" else contextlib.nullcontext())
@@ -157,7 +158,12 @@ class Trainer:
                              "perf/samples_per_s": rate, "train/epoch": self.epoch}, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             asked = self.signals.poll(comm)
-            self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
+            stall = self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
+            if stall is not None:  # rank 0 only
+                metrics.log({"perf/checkpoint_stall_ms": stall * 1e3}, self.step)
+                mode = "async" if t.async_checkpoint and not (last or asked.stop or asked.save) else "sync"
+                tqdm.write(f"checkpoint step {self.step}: training stalled {stall * 1e3:.1f} ms ({mode})",
+                           file=sys.stdout)
             if asked.stop:
                 if comm.is_main:
                     print(f"stopping on request at step {self.step}: checkpoint saved", flush=True)
