@@ -119,12 +119,17 @@ class _HashingWriter:
     def __init__(self) -> None:
         self.f: Any = None
         self.sha = hashlib.sha256()
+        self.error: OSError | None = None  # torch.save's C++ writer replaces it with a vague RuntimeError
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
         if _SLOW_WRITE_S:
             time.sleep(_SLOW_WRITE_S)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -202,8 +207,10 @@ class CheckpointManager:
             manifest = {**state[META], "file": path.name, "size": path.stat().st_size,
                         "sha256": hashing.sha.hexdigest()}
             atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        except OSError as e:
-            raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+        except (OSError, RuntimeError) as e:
+            cause = hashing.error or e
+            reason = getattr(cause, "strerror", None) or str(cause)
+            raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
                                   "earlier checkpoints are untouched. HINT: free space or fix permissions "
                                   f"on {self.directory}") from e
         self._purge()

@@ -1,0 +1,184 @@
+"""Fault tolerance with real processes and real signals: restarts, SIGTERM, crashes mid-save, full disks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.data import ResumableSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIET = ["trainer.log_every=50", "trainer.eval_every=100000"]
+
+
+def start(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for(predicate, timeout: float = 120) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """{local rank: pid} of this run's live worker processes (read from /proc)."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"workers.train" in cmdline and str(run_dir).encode() in cmdline:
+            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+            if b"LOCAL_RANK" in env:
+                pids[int(env[b"LOCAL_RANK"])] = int(proc.name)
+    return pids
+
+
+def run_processes(marker: Path) -> list[int]:
+    """Every live process whose command line mentions the run directory (launcher, torchrun, ranks)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and proc.name != str(os.getpid()):
+            try:
+                if str(marker).encode() in (proc / "cmdline").read_bytes():
+                    stat = (proc / "stat").read_text()
+                    if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                        found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 1500-step run."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    code, out, err = finish(start(run_dir, *QUIET, "trainer.max_steps=1500", "trainer.checkpoint_every=100"))
+    assert code == 0, err[-2000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_from_checkpoint(tmp_path: Path, reference: Path) -> None:
+    proc = start(tmp_path, "--max-restarts", "1", *QUIET, "trainer.max_steps=1500", "trainer.checkpoint_every=100")
+    wait_for(lambda: (tmp_path / "checkpoints" / "step-00000300.json").exists())
+    os.kill(rank_pids(tmp_path)[1], signal.SIGKILL)
+    code, out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert "resuming from step" in out
+    assert_bitwise_equal(weights(tmp_path), weights(reference))
+    assert not run_processes(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_current_step_and_exits_143(tmp_path: Path) -> None:
+    proc = start(tmp_path, *QUIET, "trainer.max_steps=1000000", "trainer.checkpoint_every=100000")
+    wait_for(lambda: len(rank_pids(tmp_path)) == 2 and (tmp_path / "tb").exists())
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc, timeout=60)
+    assert code == 143
+    steps = [int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.json")]
+    assert len(steps) == 1 and steps[0] > 0  # only the stop checkpoint: checkpoint_every is never reached
+    assert f"stopping on request at step {steps[0]}" in out
+    time.sleep(0.5)
+    assert not run_processes(tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_rank0_mid_save_keeps_previous_checkpoint(tmp_path: Path, reference: Path) -> None:
+    common = [*QUIET, "trainer.max_steps=1500", "trainer.checkpoint_every=100"]
+    # the hook slows every write() of a checkpoint file; each save takes seconds, so the kill lands mid-write
+    proc = start(tmp_path, *common, env={"LAUNCHER_TEST_SLOW_SAVE_S": "0.5"})
+    ckpts = tmp_path / "checkpoints"
+    wait_for(lambda: (ckpts / "step-00000100.json").exists() and list(ckpts.glob(".step-00000200.pt.*.tmp")))
+    os.kill(rank_pids(tmp_path)[0], signal.SIGKILL)
+    code, _, err = finish(proc)
+    assert code != 0 and "rank 0 failed" in err
+    assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-00000100.json", "step-00000100.pt"]
+    code, out, err = finish(start(tmp_path, *common))
+    assert code == 0, err[-3000:]
+    assert "resuming from step 100" in out
+    assert_bitwise_equal(weights(tmp_path), weights(reference))
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_falls_back(tmp_path: Path, reference: Path) -> None:
+    common = [*QUIET, "trainer.checkpoint_every=100"]
+    assert finish(start(tmp_path, *common, "trainer.max_steps=300"))[0] == 0
+    newest = tmp_path / "checkpoints" / "step-00000300.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    code, out, err = finish(start(tmp_path, *common, "trainer.max_steps=1500"))
+    assert code == 0, err[-3000:]
+    assert "step-00000300.pt is unusable" in out and "resuming from step 200" in out
+    assert_bitwise_equal(weights(tmp_path), weights(reference))
+
+
+@pytest.mark.slow
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    # a checkpoint of the default model is ~120 kB: room for one, not two
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(ckpts)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        code, _, err = finish(start(tmp_path, *QUIET, "trainer.max_steps=300", "trainer.checkpoint_every=100"))
+        assert code != 0
+        assert "could not write checkpoint" in err and "No space left on device" in err
+        assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-00000100.json", "step-00000100.pt"]
+        from workers.checkpoint import verify
+
+        assert verify(ckpts, 100) is None
+    finally:
+        subprocess.run(["umount", str(ckpts)], check=False)
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 1), (1, 3)])
+def test_resume_with_another_world_size_sees_each_sample_once(before: int, after: int) -> None:
+    """The epoch position is in global samples, so the union over both world sizes is the epoch, once."""
+    dataset = list(range(1000))
+    batch, steps_before = 8, 10
+    seen = []
+    for rank in range(before):
+        s = ResumableSampler(dataset, before, rank, seed=3)
+        s.set_epoch(5)
+        seen += list(s)[: steps_before * batch]
+    position = steps_before * batch * before
+    for rank in range(after):
+        s = ResumableSampler(dataset, after, rank, seed=3)
+        s.set_epoch(5, start=position)
+        seen += list(s)
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert len(set(dataset) - set(seen)) < after  # nothing skipped except the drop_last remainder
