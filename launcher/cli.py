@@ -172,16 +172,20 @@ def run(argv: list[str]) -> int:
     if plan.device == "cpu":
         print(f"launcher: no CUDA device found: running {plan.nproc_per_node} CPU rank(s) per node on gloo")
     print("launcher: starting\n" + describe(plan), flush=True)
-    sup = Supervisor(list(plan.commands))
-    code = sup.run()
-    if code != 0:
+    # torchrun restarts its ranks itself (elastic agent); for the others the launcher does it
+    restarts = 0 if plan.backend == "torchrun" else plan.max_restarts
+    for attempt in range(restarts + 1):
+        sup = Supervisor(list(plan.commands))
+        code = sup.run()
+        if code == 0 or sup.signals:
+            return code
         failure = find_failure(list(sup.output), plan.run_dir / "logs")
-        if failure is None:
-            tail = list(sup.output)[-20:]
-            print(f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(tail),
-                  file=sys.stderr)
-        else:
-            print(failure.describe(), file=sys.stderr)
+        print(failure.describe() if failure else
+              f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:]),
+              file=sys.stderr)
+        if attempt < restarts:
+            print(f"launcher: restarting all ranks ({attempt + 1}/{restarts}); they resume from the newest "
+                  "checkpoint", file=sys.stderr, flush=True)
     return code
 
 

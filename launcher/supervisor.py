@@ -23,6 +23,9 @@ GRACE_S = 30.0  # after SIGTERM, how long children get to checkpoint and exit be
 # torchrun's failure report (torch.distributed.elastic ChildFailedError) names the root cause so:
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+# ... and OpenMPI's mpirun so ("Process name: [[4711,1],1]" then "Exit code: 1")
+_MPI_RANK = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
+_MPI_EXIT = re.compile(r"Exit code:\s*(-?\d+)")
 
 
 @dataclass
@@ -55,7 +58,9 @@ def find_failure(output: list[str], log_dir: Path) -> Failure | None:
                     code = int(m.group(1))
                     break
             break
-    if rank is None or code is None:
+    if rank is None:
+        return _find_mpi_failure(output, log_dir)
+    if code is None:
         return None
     logs = sorted(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
     log = logs[-1] if logs else None
@@ -84,6 +89,22 @@ def _signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
+    rank = code = None
+    for line in output:
+        if rank is None and (m := _MPI_RANK.search(line)):
+            rank = int(m.group(1))
+        elif rank is not None and (m := _MPI_EXIT.search(line)):
+            code = int(m.group(1))
+            break
+    if rank is None or code is None:
+        return None
+    logs = sorted(log_dir.glob(f"mpi/*/rank.{rank}/stderr"), key=lambda p: p.stat().st_mtime)
+    log = logs[-1] if logs else None
+    tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
+    return Failure(rank, code, log, tail)
 
 
 class Supervisor:
