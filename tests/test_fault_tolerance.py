@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +50,10 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
             continue
         if b"workers.train" in cmdline and str(run_dir).encode() in cmdline:
             env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
-            if b"LOCAL_RANK" in env:
-                pids[int(env[b"LOCAL_RANK"])] = int(proc.name)
+            # torchrun sets LOCAL_RANK before exec; under mpirun only OMPI's variable is in the initial env
+            local = env.get(b"LOCAL_RANK", env.get(b"OMPI_COMM_WORLD_LOCAL_RANK"))
+            if local is not None:
+                pids[int(local)] = int(proc.name)
     return pids
 
 
@@ -90,8 +93,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_rank_restarts_from_checkpoint(tmp_path: Path, reference: Path) -> None:
-    proc = start(tmp_path, "--max-restarts", "1", *QUIET, "trainer.max_steps=1500", "trainer.checkpoint_every=100")
+@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi)])
+def test_killed_rank_restarts_from_checkpoint(tmp_path: Path, reference: Path, backend: str) -> None:
+    if backend == "mpi" and shutil.which("mpirun") is None:
+        pytest.skip("needs mpirun: bash scripts/setup.sh --test")
+    proc = start(tmp_path, "--backend", backend, "--max-restarts", "1", *QUIET, "trainer.max_steps=1500",
+                 "trainer.checkpoint_every=100")
     wait_for(lambda: (tmp_path / "checkpoints" / "step-00000300.json").exists())
     os.kill(rank_pids(tmp_path)[1], signal.SIGKILL)
     code, out, err = finish(proc)

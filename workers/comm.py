@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.rendezvous import rendezvous
 
 from workers.dist_env import DistEnv
 
@@ -110,8 +111,13 @@ class DDPComm(SingleProcessComm):
         self.local_world_size = env.local_world_size
         self.device = pick_device(env.local_rank)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        # env:// reads MASTER_ADDR/PORT, RANK and WORLD_SIZE: the torchrun contract
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # env:// reads MASTER_ADDR/PORT, RANK and WORLD_SIZE: the torchrun contract. After a torchrun
+        # restart the ranks meet on the same agent store, where the previous attempt's gloo/NCCL
+        # addresses are still set: a per-attempt key prefix keeps them from connecting to dead peers.
+        store, _, _ = next(rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        store = dist.PrefixStore(f"launcher/attempt_{env.restart_count}", store)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
                                 device_id=self.device if self.device.type == "cuda" else None)
 
     @property

@@ -9,6 +9,7 @@ The launcher's env contract is torchrun's, so any script written for torchrun ru
 ``LOCAL_WORLD_SIZE``    ranks on this node
 ``GROUP_RANK``          node rank (torchrun's name)
 ``MASTER_ADDR/PORT``    rendezvous address of rank 0's store
+``TORCHELASTIC_RESTART_COUNT``  how often the ranks were restarted (RANK may change across restarts)
 ======================  ===================================================================
 
 Under ``horovodrun`` (gloo controller) the same facts come as ``HOROVOD_RANK``, ``HOROVOD_SIZE``,
@@ -53,6 +54,7 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launched_by: str = "single"
+    restart_count: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -72,5 +74,6 @@ class DistEnv:
                     master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                     master_port=_int(environ, "MASTER_PORT", 29500),
                     launched_by=source,
+                    restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
                 )
         return cls()
