@@ -189,3 +189,32 @@ def test_resume_with_another_world_size_sees_each_sample_once(before: int, after
         seen += list(s)
     assert len(seen) == len(set(seen))  # nothing twice
     assert len(set(dataset) - set(seen)) < after  # nothing skipped except the drop_last remainder
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_now_and_keeps_training(tmp_path: Path) -> None:
+    proc = start(tmp_path, *QUIET, "trainer.max_steps=3000", "trainer.checkpoint_every=100000")
+    wait_for(lambda: len(rank_pids(tmp_path)) == 2 and (tmp_path / "tb").exists())
+    time.sleep(2)
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: list((tmp_path / "checkpoints").glob("step-*.json")), timeout=30)
+    code, out, err = finish(proc)
+    assert code == 0, err[-3000:]
+    steps = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.json"))
+    assert len(steps) == 2 and 0 < steps[0] < 3000 and steps[1] == 3000  # the USR1 save, then the final one
+
+
+@pytest.mark.slow
+def test_second_sigint_kills_at_once(tmp_path: Path) -> None:
+    # a save that takes minutes: the first Ctrl-C waits for it, the second must not
+    proc = start(tmp_path, *QUIET, "trainer.max_steps=1000000", "trainer.checkpoint_every=100000",
+                 env={"LAUNCHER_TEST_SLOW_SAVE_S": "5"})
+    wait_for(lambda: len(rank_pids(tmp_path)) == 2 and (tmp_path / "tb").exists())
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: list((tmp_path / "checkpoints").glob(".step-*.tmp")), timeout=30)  # stop-save under way
+    proc.send_signal(signal.SIGINT)
+    code, _, _ = finish(proc, timeout=20)
+    assert code == 130
+    time.sleep(0.5)
+    assert not run_processes(tmp_path)
