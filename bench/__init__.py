@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench [SUITE ...] [--repeats N] [--tiny]``. See bench/__main__.py."""

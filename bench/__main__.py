@@ -1,0 +1,39 @@
+"""Benchmarks, measured side by side and reported as ratios.
+
+    python -m bench                      # every suite
+    python -m bench overhead checkpoint  # some suites
+    python -m bench --tiny --repeats 1   # seconds: a smoke run (what the tests do)
+
+Each suite prints a table and writes bench/results/<suite>.json and <suite>.png. Comparisons run
+interleaved, repeated (median, min, max), because absolute times on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import RESULTS, save
+from bench.suites import SUITES
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suites", nargs="*", choices=[*SUITES, []], help=f"default: all of {', '.join(SUITES)}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the suites run")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results directory (default {RESULTS})")
+    args = p.parse_args(argv)
+    for name in args.suites or list(SUITES):
+        print(f"== {name}", flush=True)
+        payload, plot, text = SUITES[name](args.repeats, args.tiny)
+        out = save(name, {**payload, "tiny": args.tiny, "repeats": args.repeats}, plot, args.out)
+        print(text)
+        print(f"-> {out} (+ .png)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

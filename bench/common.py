@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmark suites: repeated measurement, launching, results as JSON + PNG."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Stat:
+    median: float
+    lo: float
+    hi: float
+    runs: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        return cls(statistics.median(values), min(values), max(values), values)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"median": self.median, "min": self.lo, "max": self.hi, "runs": self.runs}
+
+
+def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, Stat]:
+    """Run every measurement once per round, ``repeats`` rounds: side by side, so load drift hits all."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            values[name].append(measure())
+    return {name: Stat.of(v) for name, v in values.items()}
+
+
+def launch(run_dir: Path, *args: str, timeout: float = 900) -> float:
+    """Run the launcher; returns the wall-clock start time (for time-to-first-step)."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--run-dir", str(run_dir), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"launcher failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return start
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
+    """(step, value, wall_time) of one TensorBoard tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)]
+
+
+def steady_rate(run_dir: Path) -> float:
+    """Median samples/s the trainer logged, leaving out the first interval (start-up, warm-up)."""
+    rates = [v for _, v, _ in scalars(run_dir, "perf/samples_per_s")][1:]
+    return statistics.median(rates)
+
+
+def save(suite: str, payload: dict[str, object], plot: Callable[[Path], None], results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{suite}.json"
+    out.write_text(json.dumps({"suite": suite, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plot(results / f"{suite}.png")
+    return out
+
+
+def bar_plot(path: Path, title: str, stats: dict[str, Stat], ylabel: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(stats)
+    meds = [stats[n].median for n in names]
+    errs = [[stats[n].median - stats[n].lo for n in names], [stats[n].hi - stats[n].median for n in names]]
+    ax.bar(names, meds, yerr=errs, capsize=4, color="#4c72b0")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows: list[tuple[object, ...]], header: tuple[str, ...]) -> str:
+    cells = [tuple(f"{c:.4g}" if isinstance(c, float) else str(c) for c in r) for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells)

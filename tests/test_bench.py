@@ -1,0 +1,36 @@
+"""Benchmarks are not tests: these only check that each suite runs tiny and writes the expected JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main
+from bench.suites import SUITES
+
+EXPECTED = {
+    "overhead": {"samples_per_s", "time_to_first_step_s", "ratio_steps_per_s", "ratio_time_to_first_step"},
+    "backends": {"samples_per_s", "ratio_to_torchrun"},
+    "scaling": {"samples_per_s", "efficiency", "note"},
+    "allreduce": {"backend", "sizes", "memcpy_GBps"},
+    "checkpoint": {"stall_s", "state_mb", "ratio_async_to_sync"},
+}
+
+
+def test_every_suite_has_expectations() -> None:
+    assert set(SUITES) == set(EXPECTED)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", sorted(EXPECTED))
+def test_suite_runs_tiny_and_writes_json(suite: str, tmp_path: Path) -> None:
+    assert main([suite, "--tiny", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / f"{suite}.json").read_text())
+    assert EXPECTED[suite] <= record.keys()
+    assert record["tiny"] is True
+    assert (tmp_path / f"{suite}.png").stat().st_size > 1000
+    if suite == "allreduce":
+        assert all(r["busbw_GBps"] > 0 for r in record["sizes"])
+        assert record["sizes"][0]["bytes"] == 4096
