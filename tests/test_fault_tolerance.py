@@ -218,3 +218,38 @@ def test_second_sigint_kills_at_once(tmp_path: Path) -> None:
     assert code == 130
     time.sleep(0.5)
     assert not run_processes(tmp_path)
+
+
+def _seen(log_dir: Path) -> list[tuple[int, int]]:
+    """(epoch, dataset index) of every sample any rank trained on, from the sample-log test hook."""
+    out = []
+    for path in log_dir.glob("rank*.txt"):
+        for line in path.read_text().splitlines():
+            epoch, *idx = map(int, line.split())
+            out += [(epoch, i) for i in idx]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after", "steps_before", "steps_after"), [(4, 2, 5, 17), (2, 1, 10, 34)])
+def test_resume_on_another_world_size_trains_each_sample_once(
+    tmp_path: Path, before: int, after: int, steps_before: int, steps_after: int
+) -> None:
+    # digits train split: 1437 samples, batch 32; steps_after ends exactly at the end of epoch 0
+    logs = tmp_path / "samples"
+    logs.mkdir()
+    hook = {"LAUNCHER_TEST_SAMPLE_LOG": str(logs)}
+    common = [*QUIET, f"trainer.checkpoint_every={steps_before}"]
+    first = [sys.executable, "-m", "launcher", "--run-dir", str(tmp_path / "run")]
+    assert subprocess.run([*first, "--gpus", str(before), *common, f"trainer.max_steps={steps_before}"], cwd=ROOT,
+                          env={**os.environ, **hook}, capture_output=True).returncode == 0
+    proc = subprocess.run([*first, "--gpus", str(after), *common, f"trainer.max_steps={steps_after}"], cwd=ROOT,
+                          env={**os.environ, **hook}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from step {steps_before}" in proc.stdout
+    seen = _seen(logs)
+    assert {e for e, _ in seen} == {0}
+    indices = [i for _, i in seen]
+    assert len(indices) == len(set(indices)), "a sample was trained twice in the epoch"
+    missing = set(range(1437)) - set(indices)
+    assert len(missing) < 32 * after + before, f"{len(missing)} samples skipped (more than drop_last explains)"

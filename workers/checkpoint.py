@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
+from workers import testhooks
+
 FORMAT_VERSION = 1
 MODEL, OPTIMIZER, TRAIN_STATE, RNG, CONFIG, META = "model", "optimizer", "train_state", "rng", "config", "meta"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
-# Test hook: seconds to pause in the middle of writing a checkpoint file (to kill a rank mid-write).
-_SLOW_WRITE_S = float(os.environ.get("LAUNCHER_TEST_SLOW_SAVE_S", "0") or 0)
 
 
 class CheckpointError(RuntimeError):
@@ -123,8 +123,8 @@ class _HashingWriter:
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
-        if _SLOW_WRITE_S:
-            time.sleep(_SLOW_WRITE_S)
+        if testhooks.SLOW_SAVE_S:
+            time.sleep(testhooks.SLOW_SAVE_S)
         try:
             return self.f.write(data)
         except OSError as e:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from workers import checkpoint as ck
+from workers import testhooks
 from workers.comm import Comm
 from workers.config import Config, to_dict, to_yaml
 from workers.data import ResumableSampler, build_data
@@ -93,8 +94,18 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, start=self.epoch_pos)
             for x, y in DataLoader(self.data.train, batch_size=B, sampler=self.sampler, drop_last=True):
                 self.epoch_pos += B * W
+                if testhooks.SAMPLE_LOG:
+                    self._log_samples()
                 yield x.to(self.comm.device, non_blocking=True), y.to(self.comm.device, non_blocking=True)
             self.epoch, self.epoch_pos = self.epoch + 1, 0
+
+    def _log_samples(self) -> None:
+        """Test hook: the indices of the batch just taken (the sampler's order, read back)."""
+        B, W = self.cfg.data.batch_size, self.comm.world_size
+        done = (self.epoch_pos - self.sampler.start) // W  # this rank's samples taken since set_epoch
+        taken = list(self.sampler)[done - B : done]
+        with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
+            f.write(f"{self.epoch} " + " ".join(map(str, taken)) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
