@@ -23,8 +23,9 @@ GRACE_S = 30.0  # after SIGTERM, how long children get to checkpoint and exit be
 # torchrun's failure report (torch.distributed.elastic ChildFailedError) names the root cause so:
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
-# ... and OpenMPI's mpirun so ("Process name: [[4711,1],1]" then "Exit code: 1")
-_MPI_RANK = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
+# ... OpenMPI's mpirun so ("Process name: [[4711,1],1]" then "Exit code: 1"), horovodrun's gloo
+# controller so ("Process name: 1" then "Exit code: 1")
+_MPI_RANK = re.compile(r"Process name:\s*(?:\[\[\d+,\d+\],)?(\d+)\]?\s*$")
 _MPI_EXIT = re.compile(r"Exit code:\s*(-?\d+)")
 
 
@@ -101,7 +102,8 @@ def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
             break
     if rank is None or code is None:
         return None
-    logs = sorted(log_dir.glob(f"mpi/*/rank.{rank}/stderr"), key=lambda p: p.stat().st_mtime)
+    logs = sorted([*log_dir.glob(f"mpi/*/rank.{rank}/stderr"), *log_dir.glob(f"horovod/rank.{rank}/stderr")],
+                  key=lambda p: p.stat().st_mtime)
     log = logs[-1] if logs else None
     tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
     return Failure(rank, code, log, tail)

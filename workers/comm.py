@@ -41,6 +41,7 @@ class Comm(Protocol):
     def wrap_model(self, model: nn.Module) -> nn.Module: ...
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
                        accum_steps: int) -> torch.optim.Optimizer: ...
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager: ...
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor: ...
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -76,6 +77,11 @@ class SingleProcessComm:
 
     def wrap_optimizer(self, optimizer, model, accum_steps):  # noqa: ANN001, ANN201
         return optimizer
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After a (possible) checkpoint load: make every rank hold rank 0's weights and optimizer state.
+
+        DDP ranks all loaded the same file and DDP broadcast the initial weights: nothing to do."""
 
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -26,19 +26,18 @@ class HorovodComm(SingleProcessComm):
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        return model
-
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
                        accum_steps: int) -> torch.optim.Optimizer:
-        # A resumed state (every rank loaded the same checkpoint) is broadcast from rank 0. A fresh
-        # optimizer is left alone: Horovod would initialise an empty state with a zero-gradient
-        # step(), which moves AdamW's weights and shifts Adam's bias correction by one step.
-        if optimizer.state:
-            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                         backward_passes_per_step=accum_steps, op=hvd.Average)
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # A resumed state is broadcast from rank 0. A fresh optimizer is left alone: Horovod would
+        # initialise an empty state with a zero-gradient step(), which moves AdamW's weights and
+        # shifts Adam's bias correction by one step.
+        if optimizer.state:
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         # backward_passes_per_step already delays the allreduce to the last micro-step
@@ -55,10 +54,15 @@ class HorovodComm(SingleProcessComm):
         return hvd.allreduce(tensor.detach(), op=hvd.Average)
 
     def broadcast_object(self, obj: Any) -> Any:
-        return hvd.broadcast_object(obj, root_rank=0)
+        # an explicit name: Horovod's default is the object's type name, which differs between rank 0
+        # (say an int) and the others (None), and ops with different names never meet
+        return hvd.broadcast_object(obj, root_rank=0, name="launcher.broadcast_object")
 
     def barrier(self) -> None:
         hvd.barrier()
 
     def close(self) -> None:
+        # ranks that reach shutdown at different times (rank 0 writes the last checkpoint and the
+        # hparams) could hang in Horovod's background thread: meet first
+        hvd.barrier()
         hvd.shutdown()

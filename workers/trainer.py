@@ -78,7 +78,7 @@ class Trainer:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state[ck.MODEL])
+        self.comm.unwrap(self.model).load_state_dict(state[ck.MODEL])
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
         ts = state[ck.TRAIN_STATE]
         self.step, self.epoch, self.epoch_pos = ts["step"], ts["epoch"], ts["epoch_pos"]
@@ -125,16 +125,19 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
+        # wrap first, then load: Horovod's DistributedOptimizer is a new optimizer object that would
+        # drop a state loaded into the one it wraps
+        model = self.model = comm.wrap_model(self.model)
+        opt = self.optimizer = comm.wrap_optimizer(self.optimizer, model, t.grad_accum_steps)
         state = self.ckpt.load()
         if state is not None:
             self.restore(state)
             if comm.is_main:
                 print(f"resuming from step {self.step} (epoch {self.epoch}, sample {self.epoch_pos})", flush=True)
+        comm.broadcast_state(model, opt)
         random.seed(cfg.seed + comm.rank + self.step)
         if state is None or not comm.is_main:
             torch.manual_seed(cfg.seed + comm.rank + self.step)
-        model = self.model = comm.wrap_model(self.model)
-        opt = self.optimizer = comm.wrap_optimizer(self.optimizer, model, t.grad_accum_steps)
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
         data = self.batches()
         samples_per_step = cfg.data.batch_size * t.grad_accum_steps * comm.world_size
@@ -155,7 +158,7 @@ class Trainer:
                     loss.backward()
                 loss_sum += loss.detach()
             grad_norm = comm.clip_and_step(opt, model, t.grad_clip)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
             self.step += 1
             last = self.step == t.max_steps
             bar.update(1)
