@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch, newest_weights, scalars
 
-ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
 
 has_mpi = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
@@ -20,24 +18,8 @@ needs_mpi = pytest.mark.skipif(not has_mpi, reason="needs mpirun and mpi4py: bas
 needs_horovod = pytest.mark.skipif(not has_horovod, reason="needs horovod: bash scripts/install_horovod.sh")
 
 
-def launch(run_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb"))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars("train/loss")]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)["model"]
+    return scalars(run_dir, "train/loss")
 
 
 def assert_same_series(a: list[tuple[int, float]], b: list[tuple[int, float]], rtol: float) -> None:
@@ -57,8 +39,8 @@ def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.mpi
 @needs_mpi
 def test_mpi_backend_matches_torchrun(tmp_path: Path, torchrun_run: Path) -> None:
-    proc = launch(tmp_path, "--backend", "mpi", *SHORT)
-    assert "<stdout>:" in proc.stdout  # mpirun's per-rank tags
+    out, _ = launch(tmp_path, "--backend", "mpi", *SHORT)
+    assert "<stdout>:" in out  # mpirun's per-rank tags
     assert_same_series(losses(tmp_path), losses(torchrun_run), rtol=1e-5)
     assert list((tmp_path / "logs" / "mpi").rglob("stdout")), "per-rank log files"
 
@@ -95,9 +77,9 @@ def test_checkpoints_cross_backends(tmp_path: Path) -> None:
     for first, second in (("horovod", "torchrun"), ("torchrun", "horovod")):
         run_dir = tmp_path / f"{first}-{second}"
         launch(run_dir, "--backend", first, *common, "trainer.max_steps=40")
-        proc = launch(run_dir, "--backend", second, *common, "trainer.max_steps=80")
-        assert "resuming from step 40" in proc.stdout
-        got, want = final_weights(run_dir), final_weights(ref)
+        out, _ = launch(run_dir, "--backend", second, *common, "trainer.max_steps=80")
+        assert "resuming from step 40" in out
+        got, want = newest_weights(run_dir), newest_weights(ref)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
 

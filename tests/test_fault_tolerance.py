@@ -6,28 +6,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_bitwise_equal, finish, newest_weights, run_processes, start
 
 from workers.data import ResumableSampler
 
-ROOT = Path(__file__).resolve().parent.parent
 QUIET = ["trainer.log_every=50", "trainer.eval_every=100000"]
-
-
-def start(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
 
 
 def wait_for(predicate, timeout: float = 120) -> None:  # noqa: ANN001
@@ -57,32 +44,6 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
     return pids
 
 
-def run_processes(marker: Path) -> list[int]:
-    """Every live process whose command line mentions the run directory (launcher, torchrun, ranks)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and proc.name != str(os.getpid()):
-            try:
-                if str(marker).encode() in (proc / "cmdline").read_bytes():
-                    stat = (proc / "stat").read_text()
-                    if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                        found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)["model"]
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 1500-step run."""
@@ -104,7 +65,7 @@ def test_killed_rank_restarts_from_checkpoint(tmp_path: Path, reference: Path, b
     code, out, err = finish(proc)
     assert code == 0, err[-3000:]
     assert "resuming from step" in out
-    assert_bitwise_equal(weights(tmp_path), weights(reference))
+    assert_bitwise_equal(newest_weights(tmp_path), newest_weights(reference))
     assert not run_processes(tmp_path)
 
 
@@ -137,7 +98,7 @@ def test_kill_rank0_mid_save_keeps_previous_checkpoint(tmp_path: Path, reference
     code, out, err = finish(start(tmp_path, *common))
     assert code == 0, err[-3000:]
     assert "resuming from step 100" in out
-    assert_bitwise_equal(weights(tmp_path), weights(reference))
+    assert_bitwise_equal(newest_weights(tmp_path), newest_weights(reference))
 
 
 @pytest.mark.slow
@@ -149,7 +110,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path: Path, reference: Path)
     code, out, err = finish(start(tmp_path, *common, "trainer.max_steps=1500"))
     assert code == 0, err[-3000:]
     assert "step-00000300.pt is unusable" in out and "resuming from step 200" in out
-    assert_bitwise_equal(weights(tmp_path), weights(reference))
+    assert_bitwise_equal(newest_weights(tmp_path), newest_weights(reference))
 
 
 @pytest.mark.slow
@@ -240,13 +201,12 @@ def test_resume_on_another_world_size_trains_each_sample_once(
     logs.mkdir()
     hook = {"LAUNCHER_TEST_SAMPLE_LOG": str(logs)}
     common = [*QUIET, f"trainer.checkpoint_every={steps_before}"]
-    first = [sys.executable, "-m", "launcher", "--run-dir", str(tmp_path / "run")]
-    assert subprocess.run([*first, "--gpus", str(before), *common, f"trainer.max_steps={steps_before}"], cwd=ROOT,
-                          env={**os.environ, **hook}, capture_output=True).returncode == 0
-    proc = subprocess.run([*first, "--gpus", str(after), *common, f"trainer.max_steps={steps_after}"], cwd=ROOT,
-                          env={**os.environ, **hook}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"resuming from step {steps_before}" in proc.stdout
+    run_dir = tmp_path / "run"
+    code, _, err = finish(start(run_dir, *common, f"trainer.max_steps={steps_before}", gpus=before, env=hook))
+    assert code == 0, err[-2000:]
+    code, out, err = finish(start(run_dir, *common, f"trainer.max_steps={steps_after}", gpus=after, env=hook))
+    assert code == 0, err[-2000:]
+    assert f"resuming from step {steps_before}" in out
     seen = _seen(logs)
     assert {e for e, _ in seen} == {0}
     indices = [i for _, i in seen]
