@@ -42,4 +42,5 @@ for step in range(1, steps + 1):
         tick = now
 if rank == 0:
     print(json.dumps({"samples_per_s": statistics.median(rates[1:]), "first_step_time": first}), flush=True)
+dist.barrier()  # leave together: gloo can abort at exit when a peer is already gone
 dist.destroy_process_group()

@@ -37,8 +37,11 @@ def overhead(repeats: int, tiny: bool) -> Result:
         start = time.time()
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                               str(ROOT / "bench" / "minimal_ddp.py"), str(steps), str(interval), "64"],
-                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        record = json.loads(out.stdout.strip().splitlines()[-1])
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if not lines:  # the measurement is printed before teardown; only its absence is a failure
+            raise RuntimeError(f"minimal_ddp.py printed no result: {out.stderr[-2000:]}")
+        record = json.loads(lines[-1])
         first["torchrun"].append(record["first_step_time"] - start)
         return record["samples_per_s"]
 
@@ -173,6 +176,69 @@ def checkpoint(repeats: int, tiny: bool) -> Result:
     return payload, lambda p: bar_plot(p, f"checkpoint stall, {size_mb:.0f} MB state", stats_ms, "ms"), text
 
 
+# dense peak FLOP/s per device for MFU (bf16 tensor cores on GPUs); the CPU's is measured
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+
+
+def device_peak(threads: int = 1) -> tuple[str, float]:
+    """(device name, peak FLOP/s of one rank): from the table on CUDA, a float32 matmul probe on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return name, next((v for k, v in PEAK_FLOPS.items() if k in name), 312e12)
+    torch.set_num_threads(threads)
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return f"cpu ({threads} thread)", 5 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def lm(repeats: int, tiny: bool) -> Result:
+    """GPT-style decoder through the launcher: tokens/s and MFU per DDP setting; which was fastest."""
+    from workers.gpt import GPT, flops_per_token
+
+    steps, interval = (12, 4) if tiny else (120, 20)
+    shape = {"model.layers": 2, "model.heads": 4, "model.width": 128, "data.context": 128, "data.vocab_size": 512}
+    if tiny:
+        shape = {**shape, "model.width": 32, "data.context": 32}
+    args = ["model=gpt", "data=synthetic_tokens", *(f"{k}={v}" for k, v in shape.items()), "data.batch_size=8",
+            f"trainer.max_steps={steps}", f"trainer.log_every={interval}", "trainer.eval_every=1000000",
+            "trainer.checkpoint_every=1000000", "trainer.threads=1"]
+    variants = {"default": [], "bucket_1mb": ["ddp.bucket_cap_mb=1"],
+                "grad_as_bucket_view": ["ddp.gradient_as_bucket_view=true"],
+                "static_graph": ["ddp.static_graph=true"], "compile": ["trainer.compile=true"]}
+    if tiny:
+        variants = {k: variants[k] for k in ("default", "static_graph")}
+
+    def measure(extra: list[str]) -> Callable[[], float]:
+        def run() -> float:
+            with tempfile.TemporaryDirectory() as d:
+                launch(Path(d), "--gpus", "2", *args, *extra)
+                rates = [v for _, v, _ in scalars(Path(d), "perf/tokens_per_s")][1:]
+                return sorted(rates)[len(rates) // 2]
+        return run
+
+    stats = interleaved({name: measure(extra) for name, extra in variants.items()}, repeats)
+    model = GPT(shape["data.vocab_size"], shape["data.context"], shape["model.layers"], shape["model.heads"],
+                shape["model.width"])
+    fpt = flops_per_token(model)
+    device, peak = device_peak()
+    mfu = {k: v.median * fpt / (peak * 2) for k, v in stats.items()}
+    fastest = max(stats, key=lambda k: stats[k].median)
+    payload = {"tokens_per_s": {k: v.as_dict() for k, v in stats.items()}, "mfu": mfu, "fastest": fastest,
+               "flops_per_token": fpt, "device": device, "peak_flops_per_rank": peak, "ranks": 2,
+               "shape": shape}
+    text = table([(k, stats[k].median, stats[k].lo, stats[k].hi, mfu[k]) for k in stats],
+                 ("setting", "tokens/s", "min", "max", "MFU"))
+    text += f"\nfastest here: {fastest}; {fpt} FLOPs/token; peak per rank {peak / 1e9:.1f} GFLOP/s ({device})"
+    return payload, lambda p: bar_plot(p, f"lm: tokens/s per DDP setting ({device})", stats, "tokens/s"), text
+
+
 SUITES: dict[str, Callable[[int, bool], Result]] = {
     "overhead": overhead, "backends": backends, "scaling": scaling, "allreduce": allreduce, "checkpoint": checkpoint,
+    "lm": lm,
 }

@@ -88,7 +88,7 @@ def test_sigterm_checkpoints_current_step_and_exits_143(tmp_path: Path) -> None:
 def test_kill_rank0_mid_save_keeps_previous_checkpoint(tmp_path: Path, reference: Path) -> None:
     common = [*QUIET, "trainer.max_steps=1500", "trainer.checkpoint_every=100"]
     # the hook slows every write() of a checkpoint file; each save takes seconds, so the kill lands mid-write
-    proc = start(tmp_path, *common, env={"LAUNCHER_TEST_SLOW_SAVE_S": "0.5"})
+    proc = start(tmp_path, *common, env={"LAUNCHER_TEST_SLOW_SAVE_S": "0.05"})
     ckpts = tmp_path / "checkpoints"
     wait_for(lambda: (ckpts / "step-00000100.json").exists() and list(ckpts.glob(".step-00000200.pt.*.tmp")))
     os.kill(rank_pids(tmp_path)[0], signal.SIGKILL)

@@ -36,7 +36,9 @@ class SignalFlags:
 
     def poll(self, comm: object) -> Requests:
         """What any rank was asked for since the last poll (a collective: every rank must call it)."""
-        local = torch.tensor([float(self.stop_signal > 0), float(self.save_pending)], device=comm.device)
+        # take the flag before the all-reduce: Python runs a handler when the blocking call returns, and
+        # a request that lands then must stay pending for the next poll, not be cleared after it
+        save_pending, self.save_pending = self.save_pending, False
+        local = torch.tensor([float(self.stop_signal > 0), float(save_pending)], device=comm.device)
         stop, save = (comm.allreduce_mean(local) > 0).tolist()  # type: ignore[attr-defined]
-        self.save_pending = False
         return Requests(stop=stop, save=save)
