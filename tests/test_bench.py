@@ -16,7 +16,20 @@ EXPECTED = {
     "scaling": {"samples_per_s", "efficiency", "note"},
     "allreduce": {"backend", "sizes", "memcpy_GBps"},
     "checkpoint": {"stall_s", "state_mb", "ratio_async_to_sync"},
+    "lm": {"tokens_per_s", "mfu", "fastest", "flops_per_token", "device", "peak_flops_per_rank"},
 }
+
+
+def test_flops_per_token_matches_a_hand_count() -> None:
+    """V=10, T=4, L=1, d=8: matmul weights 12*1*8*8 + 10*8 = 848 -> 6*848 = 5088; attention 12*1*4*8 = 384."""
+    from workers.gpt import GPT, flops_per_token
+
+    model = GPT(vocab=10, context=4, layers=1, heads=2, width=8)
+    assert flops_per_token(model) == 5088 + 384
+    # the formula's weight count is the model's matmul weights (embeddings are lookups, the head is tied)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
+                 and not n.startswith(("tok.", "pos.")))
+    assert matmul + 10 * 8 == 12 * 8 * 8 + 10 * 8
 
 
 def test_every_suite_has_expectations() -> None:

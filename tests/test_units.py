@@ -153,12 +153,14 @@ def test_config_key_set_snapshot() -> None:
     """New knobs must be deliberate: update this snapshot (and README/config docs) when adding one."""
     keys = sorted(_flat_keys(OmegaConf.to_container(OmegaConf.create(to_yaml(compose_config([]))))))
     assert keys == [
-        "data.batch_size", "data.name", "data.num_classes", "data.num_features", "data.num_samples",
-        "data.split_seed", "data.test_fraction", "mode", "model.hidden", "model.name", "optimizer.betas",
+        "data.batch_size", "data.context", "data.name", "data.num_classes", "data.num_features", "data.num_samples",
+        "data.path", "data.split_seed", "data.test_fraction", "data.vocab_size", "ddp.bucket_cap_mb",
+        "ddp.gradient_as_bucket_view", "ddp.static_graph", "mode", "model.heads", "model.hidden", "model.layers",
+        "model.name", "model.width", "optimizer.betas",
         "optimizer.lr", "optimizer.momentum", "optimizer.name", "optimizer.nesterov",
         "optimizer.scale_lr_with_world_size", "optimizer.weight_decay", "schedule.gamma", "schedule.min_lr",
         "schedule.name", "schedule.step_size", "schedule.total_steps", "schedule.warmup_steps",
-        "seed", "trainer.async_checkpoint", "trainer.checkpoint_every", "trainer.eval_every",
+        "seed", "trainer.async_checkpoint", "trainer.checkpoint_every", "trainer.compile", "trainer.eval_every",
         "trainer.grad_accum_steps", "trainer.grad_clip", "trainer.keep_checkpoints", "trainer.log_every",
         "trainer.max_steps", "trainer.precision", "trainer.threads",
     ]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.rendezvous import rendezvous
 
+from workers.config import DDPConfig
 from workers.dist_env import DistEnv
 
 
@@ -112,7 +113,8 @@ class DDPComm(SingleProcessComm):
 
     name = "ddp"
 
-    def __init__(self, env: DistEnv, timeout_s: float = 300) -> None:
+    def __init__(self, env: DistEnv, ddp: DDPConfig | None = None, timeout_s: float = 300) -> None:
+        self.ddp = ddp or DDPConfig()
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.local_world_size = env.local_world_size
         self.device = pick_device(env.local_rank)
@@ -132,7 +134,9 @@ class DDPComm(SingleProcessComm):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.ddp.bucket_cap_mb,
+                                                   gradient_as_bucket_view=self.ddp.gradient_as_bucket_view,
+                                                   static_graph=self.ddp.static_graph)
 
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         # gradients are all-reduced only on the last micro-step of an accumulation window
@@ -159,14 +163,14 @@ class DDPComm(SingleProcessComm):
             dist.destroy_process_group()
 
 
-def build_comm(kind: str, env: DistEnv) -> Comm:
+def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:
     """``kind``: auto | ddp | horovod. ``auto`` means DDP for several ranks, else single process."""
     if kind == "horovod":
         from workers.horovod_comm import HorovodComm  # lazy: horovod is an optional extra
 
         return HorovodComm()
     if kind == "ddp" or (kind == "auto" and env.world_size > 1):
-        return DDPComm(env)
+        return DDPComm(env, ddp)
     if kind == "auto":
         return SingleProcessComm(env)
     raise ValueError(f"unknown comm {kind!r}: expected auto | ddp | horovod")

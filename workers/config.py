@@ -26,26 +26,35 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    hidden: int = 128  # hidden units
+    name: str = "mlp"  # mlp | gpt
+    hidden: int = 128  # mlp: hidden units
+    layers: int = 2  # gpt: transformer blocks
+    heads: int = 4  # gpt: attention heads (width must divide by it)
+    width: int = 128  # gpt: embedding width
 
     def __post_init__(self) -> None:
-        _check(self.name == "mlp", "model.name", self.name, "'mlp'")
+        _check(self.name in ("mlp", "gpt"), "model.name", self.name, "mlp | gpt")
         _check(self.hidden > 0, "model.hidden", self.hidden, "a positive int")
+        _check(self.width % self.heads == 0, "model.width", self.width, f"a multiple of model.heads={self.heads}")
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | synthetic
-    batch_size: int = 32  # samples per rank per micro-step
+    name: str = "digits"  # digits | synthetic | tokens | synthetic_tokens
+    batch_size: int = 32  # samples (token windows for LMs) per rank per micro-step
     test_fraction: float = 0.2
     split_seed: int = 0  # fixes the train/test split independently of the training seed
     num_samples: int = 8192  # synthetic only
     num_features: int = 64  # synthetic only
     num_classes: int = 10  # synthetic only
+    path: str | None = None  # tokens: a flat file of uint16 token ids (read with numpy.memmap)
+    context: int = 128  # tokens, synthetic_tokens: tokens per training window
+    vocab_size: int = 512  # tokens, synthetic_tokens
 
     def __post_init__(self) -> None:
-        _check(self.name in ("digits", "synthetic"), "data.name", self.name, "digits | synthetic")
+        names = ("digits", "synthetic", "tokens", "synthetic_tokens")
+        _check(self.name in names, "data.name", self.name, " | ".join(names))
+        _check(self.name != "tokens" or bool(self.path), "data.path", self.path, "a token file for data=tokens")
         _check(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive int")
         _check(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")
 
@@ -95,6 +104,7 @@ class TrainerConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoint: bool = False  # rank 0 snapshots to CPU and a thread writes; training goes on
+    compile: bool = False  # torch.compile the model
     threads: int = 0  # torch threads per rank; 0 = cores / local ranks
 
     def __post_init__(self) -> None:
@@ -108,12 +118,22 @@ class TrainerConfig:
 
 
 @dataclass
+class DDPConfig:
+    """DistributedDataParallel knobs (ignored by the Horovod and single-process paths)."""
+
+    bucket_cap_mb: float = 25.0  # gradient bucket size
+    gradient_as_bucket_view: bool = False  # grads alias the buckets: less memory, one copy less
+    static_graph: bool = False  # the graph is the same every step: lets DDP skip some bookkeeping
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     seed: int = 0
     mode: str = "batch"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 
@@ -20,10 +21,46 @@ from workers.config import DataConfig
 
 @dataclass(frozen=True)
 class Splits:
-    train: TensorDataset
-    test: TensorDataset
+    train: Dataset
+    test: Dataset
     num_features: int
-    num_classes: int
+    num_classes: int  # classes, or the vocabulary size for token data
+    context: int = 0  # tokens per window (token data only)
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of a flat token array: item i -> (tokens[iT:(i+1)T], the same shifted by 1)."""
+
+    def __init__(self, tokens: np.ndarray, context: int, first: int, count: int) -> None:
+        self.tokens, self.context, self.first, self.count = tokens, context, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = (self.first + i) * self.context
+        chunk = torch.from_numpy(self.tokens[start : start + self.context + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def _token_splits(tokens: np.ndarray, cfg: DataConfig) -> Splits:
+    windows = (len(tokens) - 1) // cfg.context
+    n_test = max(1, int(windows * cfg.test_fraction))
+    return Splits(TokenWindows(tokens, cfg.context, 0, windows - n_test),
+                  TokenWindows(tokens, cfg.context, windows - n_test, n_test), cfg.context, cfg.vocab_size,
+                  cfg.context)
+
+
+def synthetic_tokens(cfg: DataConfig) -> np.ndarray:
+    """A random first-order Markov chain over the vocabulary: learnable structure, no download."""
+    g = np.random.default_rng(cfg.split_seed)
+    successors = g.integers(0, cfg.vocab_size, size=(cfg.vocab_size, 4))  # each token has 4 likely successors
+    picks = g.integers(0, 4, size=cfg.num_samples * cfg.context + 1)
+    out = np.empty(len(picks), dtype=np.uint16)
+    out[0] = 0
+    for i in range(1, len(out)):
+        out[i] = successors[out[i - 1], picks[i]]
+    return out
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, num_classes: int) -> Splits:
@@ -51,6 +88,10 @@ def synthetic_tensors(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_data(cfg: DataConfig) -> Splits:
+    if cfg.name == "tokens":  # a token file as nanoGPT's prepare scripts write it, read lazily
+        return _token_splits(np.memmap(cfg.path, dtype=np.uint16, mode="r"), cfg)
+    if cfg.name == "synthetic_tokens":
+        return _token_splits(synthetic_tokens(cfg), cfg)
     if cfg.name == "digits":
         x, y = load_digits_tensors()
         return _split(x, y, cfg, 10)

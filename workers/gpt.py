@@ -33,6 +33,15 @@ class GPT(nn.Module):
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.tok.weight  # weight tying
         self.shape = (vocab, context, layers, heads, width)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        # GPT-2's init: small weights keep the tied head's first logits near uniform
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))

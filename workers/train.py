@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comm", default="auto", choices=("auto", "ddp", "horovod"))
     args = parser.parse_args(argv)
     cfg = config.load(args.run_dir / "config.yaml")
-    comm = build_comm(args.comm, DistEnv.from_env(os.environ))
+    comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp)
     try:
         Trainer(cfg, comm, args.run_dir).train()
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from workers import checkpoint as ck
@@ -51,8 +51,9 @@ class Trainer:
         torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // comm.local_world_size))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.data = build_data(cfg.data)
-        self.model = build_model(cfg.model, self.data.num_features, self.data.num_classes).to(comm.device)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), W)
+        # self.net: the bare module, for state dicts; self.model: what trains (DDP-wrapped, compiled)
+        self.net = self.model = build_model(cfg.model, self.data).to(comm.device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.net.parameters(), W)
         self.peak = peak_lr(cfg.optimizer, W)
         self.sampler = ResumableSampler(self.data.train, W, comm.rank, cfg.seed)
         self.step, self.epoch, self.epoch_pos = 0, 0, 0  # epoch_pos: global samples done this epoch
@@ -70,7 +71,7 @@ class Trainer:
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
-            ck.MODEL: self.comm.unwrap(self.model).state_dict(),
+            ck.MODEL: self.net.state_dict(),
             ck.OPTIMIZER: self.optimizer.state_dict(),
             ck.TRAIN_STATE: {"step": self.step, "epoch": self.epoch, "epoch_pos": self.epoch_pos},
             ck.RNG: {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -78,7 +79,7 @@ class Trainer:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.comm.unwrap(self.model).load_state_dict(state[ck.MODEL])
+        self.net.load_state_dict(state[ck.MODEL])
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
         ts = state[ck.TRAIN_STATE]
         self.step, self.epoch, self.epoch_pos = ts["step"], ts["epoch"], ts["epoch_pos"]
@@ -112,13 +113,15 @@ class Trainer:
         """Test-split loss and accuracy; each rank scores a shard and the sums are all-reduced."""
         model, test = self.model, self.data.test
         model.eval()
-        idx = torch.arange(self.comm.rank, len(test), self.comm.world_size)
-        x, y = (t.to(self.comm.device) for t in TensorDataset(*test.tensors)[idx])
-        with self.autocast:
-            logits = model(x).float()
-        sums = torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
-                             (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-        loss_sum, correct, count = self.comm.allreduce_mean(sums.to(self.comm.device)).tolist()
+        shard = Subset(test, range(self.comm.rank, len(test), self.comm.world_size))
+        sums = torch.zeros(3, dtype=torch.float64, device=self.comm.device)  # loss sum, correct, count
+        for x, y in DataLoader(shard, batch_size=256):
+            x, y = x.to(self.comm.device), y.to(self.comm.device).flatten()
+            with self.autocast:
+                logits = model(x).flatten(0, -2).float()
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
+                                 torch.tensor(len(y), device=y.device)]).double()
+        loss_sum, correct, count = self.comm.allreduce_mean(sums).tolist()
         model.train()
         return {"test/loss": loss_sum / count, "test/accuracy": correct / count}
 
@@ -127,7 +130,9 @@ class Trainer:
         cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
         # wrap first, then load: Horovod's DistributedOptimizer is a new optimizer object that would
         # drop a state loaded into the one it wraps
-        model = self.model = comm.wrap_model(self.model)
+        model = self.model = comm.wrap_model(self.net)
+        if t.compile:  # after DDP: its optimizer splits the graph at bucket boundaries
+            model = self.model = torch.compile(model)
         opt = self.optimizer = comm.wrap_optimizer(self.optimizer, model, t.grad_accum_steps)
         state = self.ckpt.load()
         if state is not None:
@@ -154,7 +159,8 @@ class Trainer:
             for micro in range(t.grad_accum_steps):
                 x, y = next(data)
                 with comm.no_sync(model, last_micro_step=micro == t.grad_accum_steps - 1), self.autocast:
-                    loss = F.cross_entropy(model(x).float(), y) / t.grad_accum_steps
+                    # flatten(0, -2): (B, classes) stays; an LM's (B, T, vocab) becomes (B*T, vocab)
+                    loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten()) / t.grad_accum_steps
                     loss.backward()
                 loss_sum += loss.detach()
             grad_norm = comm.clip_and_step(opt, model, t.grad_clip)
@@ -168,8 +174,11 @@ class Trainer:
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
-                metrics.log({"train/loss": loss_avg, "train/grad_norm": grad_norm.item(),
-                             "perf/samples_per_s": rate, "train/epoch": self.epoch}, self.step)
+                perf = {"perf/samples_per_s": rate}
+                if self.data.context:
+                    perf["perf/tokens_per_s"] = rate * self.data.context
+                metrics.log({"train/loss": loss_avg, "train/grad_norm": grad_norm.item(), **perf,
+                             "train/epoch": self.epoch}, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             asked = self.signals.poll(comm)
             stall = self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
