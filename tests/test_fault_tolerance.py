@@ -44,6 +44,14 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
     return pids
 
 
+def start_training(run_dir: Path, *args: str) -> subprocess.Popen:
+    """Start a 2-rank run without periodic checkpoints and return once both ranks are training."""
+    proc = start(run_dir, *QUIET, "trainer.checkpoint_every=100000", *args)
+    wait_for(lambda: len(rank_pids(run_dir)) == 2 and (run_dir / "tb").exists())
+    time.sleep(2)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 1500-step run."""
@@ -71,9 +79,7 @@ def test_killed_rank_restarts_from_checkpoint(tmp_path: Path, reference: Path, b
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_current_step_and_exits_143(tmp_path: Path) -> None:
-    proc = start(tmp_path, *QUIET, "trainer.max_steps=1000000", "trainer.checkpoint_every=100000")
-    wait_for(lambda: len(rank_pids(tmp_path)) == 2 and (tmp_path / "tb").exists())
-    time.sleep(2)
+    proc = start_training(tmp_path, "trainer.max_steps=1000000")
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc, timeout=60)
     assert code == 143
@@ -154,9 +160,7 @@ def test_resume_with_another_world_size_sees_each_sample_once(before: int, after
 
 @pytest.mark.slow
 def test_sigusr1_checkpoints_now_and_keeps_training(tmp_path: Path) -> None:
-    proc = start(tmp_path, *QUIET, "trainer.max_steps=3000", "trainer.checkpoint_every=100000")
-    wait_for(lambda: len(rank_pids(tmp_path)) == 2 and (tmp_path / "tb").exists())
-    time.sleep(2)
+    proc = start_training(tmp_path, "trainer.max_steps=3000")
     proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: list((tmp_path / "checkpoints").glob("step-*.json")), timeout=30)
     code, out, err = finish(proc)
