@@ -208,6 +208,10 @@ def lm(repeats: int, tiny: bool) -> Result:
     args = ["model=gpt", "data=synthetic_tokens", *(f"{k}={v}" for k, v in shape.items()), "data.batch_size=8",
             f"trainer.max_steps={steps}", f"trainer.log_every={interval}", "trainer.eval_every=1000000",
             "trainer.checkpoint_every=1000000", "trainer.threads=1"]
+    import torch
+
+    if torch.cuda.is_available():  # same suite on GPUs: bf16 autocast, NCCL (chosen by the trainer)
+        args.append("trainer.precision=bf16")
     variants = {"default": [], "bucket_1mb": ["ddp.bucket_cap_mb=1"],
                 "grad_as_bucket_view": ["ddp.gradient_as_bucket_view=true"],
                 "static_graph": ["ddp.static_graph=true"], "compile": ["trainer.compile=true"]}

@@ -171,3 +171,18 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     for k, v in d.items():
         out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
     return out
+
+
+def test_preflight_finds_disagreeing_nodes() -> None:
+    from workers.preflight import problems, table
+
+    good = [{"rank": r, "local_rank": r % 2, "host": f"n{r // 2}", "gpus": 2, "torch": "2.13.0", "nccl": "2.21.5"}
+            for r in range(4)]
+    assert problems(good, 2, "cuda") == []
+    assert "n1" in table(good) and table(good).splitlines()[0].split()[:3] == ["rank", "local_rank", "host"]
+    odd = [dict(r) for r in good]
+    odd[3]["torch"], odd[2]["gpus"] = "2.12.0", 1
+    found = problems(odd, 2, "cuda")
+    assert any("different torch versions: 2.12.0, 2.13.0" in f for f in found)
+    assert any("fewer GPUs than the 2 ranks per node on: n1" in f for f in found)
+    assert problems([{**r, "gpus": 0, "nccl": "-"} for r in good], 2, "cpu") == []

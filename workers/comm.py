@@ -47,6 +47,7 @@ class Comm(Protocol):
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor: ...
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def broadcast_object(self, obj: Any) -> Any: ...
+    def allgather_object(self, obj: Any) -> list[Any]: ...
     def barrier(self) -> None: ...
     def unwrap(self, model: nn.Module) -> nn.Module: ...
     def close(self) -> None: ...
@@ -97,6 +98,9 @@ class SingleProcessComm:
 
     def broadcast_object(self, obj: Any) -> Any:
         return obj
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
     def barrier(self) -> None:
         pass
@@ -151,6 +155,11 @@ class DDPComm(SingleProcessComm):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         dist.barrier()

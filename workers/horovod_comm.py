@@ -58,6 +58,9 @@ class HorovodComm(SingleProcessComm):
         # (say an int) and the others (None), and ops with different names never meet
         return hvd.broadcast_object(obj, root_rank=0, name="launcher.broadcast_object")
 
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return hvd.allgather_object(obj, name="launcher.allgather_object")
+
     def barrier(self) -> None:
         hvd.barrier()
 

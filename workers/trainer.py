@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from workers import checkpoint as ck
-from workers import testhooks
+from workers import preflight, testhooks
 from workers.comm import Comm
 from workers.config import Config, to_dict, to_yaml
 from workers.data import ResumableSampler, build_data
@@ -128,6 +128,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
+        ranks = comm.allgather_object(preflight.describe_rank(comm.rank, comm.local_rank))
+        if comm.is_main:
+            print(f"ranks:\n{preflight.table(ranks)}", flush=True)
+        if found := preflight.problems(ranks, comm.local_world_size, comm.device.type):
+            raise RuntimeError("pre-flight check failed: " + "; ".join(found))
         # wrap first, then load: Horovod's DistributedOptimizer is a new optimizer object that would
         # drop a state loaded into the one it wraps
         model = self.model = comm.wrap_model(self.net)

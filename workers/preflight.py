@@ -1,0 +1,40 @@
+"""Pre-flight check: every rank reports where it runs; rank 0 prints one topology table and every
+rank refuses to train when the nodes disagree (the decision is made from the same gathered data
+on every rank, so all stop together)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import torch
+
+
+def describe_rank(rank: int, local_rank: int) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    return {"rank": rank, "local_rank": local_rank, "host": socket.gethostname(),
+            "gpus": torch.cuda.device_count() if cuda else 0, "torch": str(torch.__version__),
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else "-"}
+
+
+def table(ranks: list[dict[str, Any]]) -> str:
+    cols = ("rank", "local_rank", "host", "gpus", "torch", "nccl")
+    rows = [cols, *[tuple(str(r[c]) for c in cols) for r in ranks]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def problems(ranks: list[dict[str, Any]], local_world_size: int, device: str) -> list[str]:
+    """What makes this set of ranks unfit to train together (empty when all is well)."""
+    found = []
+    versions = {r["torch"] for r in ranks}
+    if len(versions) > 1:
+        found.append(f"ranks run different torch versions: {', '.join(sorted(versions))}")
+    nccl = {r["nccl"] for r in ranks}
+    if device == "cuda" and len(nccl) > 1:
+        found.append(f"ranks run different NCCL versions: {', '.join(sorted(nccl))}")
+    if device == "cuda":
+        short = sorted({r["host"] for r in ranks if r["gpus"] < local_world_size})
+        if short:
+            found.append(f"fewer GPUs than the {local_world_size} ranks per node on: {', '.join(short)}")
+    return found
