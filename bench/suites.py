@@ -17,7 +17,8 @@ Result = tuple[dict[str, object], Callable[[Path], None], str]
 
 
 def _trainer_args(steps: int, interval: int, batch: int = 64) -> list[str]:
-    return ["data=synthetic", f"data.batch_size={batch}", f"trainer.max_steps={steps}",
+    # no clipping: the hand-written baseline loop has none, and the comparison is of the same work
+    return ["data=synthetic", f"data.batch_size={batch}", f"trainer.max_steps={steps}", "trainer.grad_clip=0",
             f"trainer.log_every={interval}", "trainer.eval_every=1000000", "trainer.checkpoint_every=1000000",
             "trainer.threads=1"]
 

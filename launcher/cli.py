@@ -90,6 +90,9 @@ def free_port() -> int:
 
 
 def cuda_device_count() -> int:
+    # no NVIDIA device node: no CUDA, and no need to pay torch's import time before starting anything
+    if not list(Path("/dev").glob("nvidia[0-9]*")):
+        return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

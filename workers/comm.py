@@ -44,7 +44,8 @@ class Comm(Protocol):
                        accum_steps: int) -> torch.optim.Optimizer: ...
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager: ...
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor: ...
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
+                      want_norm: bool) -> torch.Tensor | None: ...
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def broadcast_object(self, obj: Any) -> Any: ...
     def allgather_object(self, obj: Any) -> list[Any]: ...
@@ -53,12 +54,15 @@ class Comm(Protocol):
     def close(self) -> None: ...
 
 
-def _clip(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global grad norm (clipped to max_norm if > 0), left on the device: reading it would sync."""
+def _clip(model: nn.Module, max_norm: float, want_norm: bool) -> torch.Tensor | None:
+    """Clip to max_norm if > 0; the global grad norm (left on the device: reading it would sync) when
+    clipping computed it anyway or the caller wants it, else None."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         return nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    if want_norm:
+        return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    return None
 
 
 class SingleProcessComm:
@@ -88,8 +92,9 @@ class SingleProcessComm:
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor:
-        norm = _clip(model, max_norm)
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
+                      want_norm: bool) -> torch.Tensor | None:
+        norm = _clip(model, max_norm, want_norm)
         optimizer.step()
         return norm
 
@@ -169,6 +174,9 @@ class DDPComm(SingleProcessComm):
 
     def close(self) -> None:
         if dist.is_initialized():
+            # leave together: gloo can abort at exit when a peer tears its connections down mid-call
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -43,9 +43,10 @@ class HorovodComm(SingleProcessComm):
         # backward_passes_per_step already delays the allreduce to the last micro-step
         return contextlib.nullcontext()
 
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> torch.Tensor:
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
+                      want_norm: bool) -> torch.Tensor | None:
         optimizer.synchronize()  # finish the allreduce so that clipping sees averaged gradients
-        norm = _clip(model, max_norm)
+        norm = _clip(model, max_norm, want_norm)
         with optimizer.skip_synchronize():
             optimizer.step()
         return norm

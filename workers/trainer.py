@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 from tqdm import tqdm
 
 from workers import checkpoint as ck
@@ -26,7 +26,9 @@ from workers.data import ResumableSampler, build_data
 from workers.metrics import build_logger, flatten
 from workers.model import build_model
 from workers.optim import build_optimizer, lr_at, peak_lr, set_lr
-from workers.signals import SignalFlags
+from workers.signals import Requests, SignalFlags
+
+SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests
 
 
 class _Lines:
@@ -93,20 +95,18 @@ class Trainer:
         B, W = self.cfg.data.batch_size, self.comm.world_size
         while True:
             self.sampler.set_epoch(self.epoch, start=self.epoch_pos)
-            for x, y in DataLoader(self.data.train, batch_size=B, sampler=self.sampler, drop_last=True):
+            for idx in _chunks(list(self.sampler), B):
                 self.epoch_pos += B * W
                 if testhooks.SAMPLE_LOG:
-                    self._log_samples()
+                    self._log_samples(idx)
+                x, y = _take(self.data.train, idx)
                 yield x.to(self.comm.device, non_blocking=True), y.to(self.comm.device, non_blocking=True)
             self.epoch, self.epoch_pos = self.epoch + 1, 0
 
-    def _log_samples(self) -> None:
-        """Test hook: the indices of the batch just taken (the sampler's order, read back)."""
-        B, W = self.cfg.data.batch_size, self.comm.world_size
-        done = (self.epoch_pos - self.sampler.start) // W  # this rank's samples taken since set_epoch
-        taken = list(self.sampler)[done - B : done]
+    def _log_samples(self, idx: list[int]) -> None:
+        """Test hook: the dataset indices of the batch just taken."""
         with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
-            f.write(f"{self.epoch} " + " ".join(map(str, taken)) + "\n")
+            f.write(f"{self.epoch} " + " ".join(map(str, idx)) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -168,13 +168,14 @@ class Trainer:
                     loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten()) / t.grad_accum_steps
                     loss.backward()
                 loss_sum += loss.detach()
-            grad_norm = comm.clip_and_step(opt, model, t.grad_clip)
+            logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+            grad_norm = comm.clip_and_step(opt, model, t.grad_clip, want_norm=logging)
             opt.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
             self.step += 1
             last = self.step == t.max_steps
             bar.update(1)
             metrics.log({"lr": lr}, self.step)  # every step: schedules are checked against their formula
-            if self.step % t.log_every == 0 or last:
+            if logging:
                 loss_avg = comm.allreduce_mean(loss_sum).item()  # .item() syncs with the device
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
@@ -185,7 +186,9 @@ class Trainer:
                 metrics.log({"train/loss": loss_avg, "train/grad_norm": grad_norm.item(), **perf,
                              "train/epoch": self.epoch}, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
-            asked = self.signals.poll(comm)
+            # a collective: every 10 steps keeps its cost off the step time, and a stop or save still
+            # lands within a few milliseconds of the signal
+            asked = self.signals.poll(comm) if self.step % SIGNAL_POLL_EVERY == 0 else Requests()
             stall = self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
             if stall is not None:  # rank 0 only
                 metrics.log({"perf/checkpoint_stall_ms": stall * 1e3}, self.step)
@@ -211,3 +214,17 @@ class Trainer:
             metrics.hparams(flatten(to_dict(cfg)), {"hparam/" + k: v for k, v in result.items()})
         metrics.close()
         return result
+
+
+def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
+    """Full batches only (drop_last): every rank takes the same number of steps."""
+    for start in range(0, len(indices) - size + 1, size):
+        yield indices[start : start + size]
+
+
+def _take(dataset: Dataset, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    # in-memory tensors: one fancy-index per batch instead of DataLoader's per-sample fetch + collate
+    if isinstance(dataset, TensorDataset):
+        x, y = dataset.tensors
+        return x[idx], y[idx]
+    return default_collate([dataset[i] for i in idx])
