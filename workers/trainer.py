@@ -126,7 +126,8 @@ class Trainer:
         return {"test/loss": loss_sum / count, "test/accuracy": correct / count}
 
     # -- the loop ----------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
+    def prepare(self) -> None:
+        """Pre-flight check, wrap for data parallelism, resume from the newest intact checkpoint."""
         cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
         ranks = comm.allgather_object(preflight.describe_rank(comm.rank, comm.local_rank))
         if comm.is_main:
@@ -135,19 +136,40 @@ class Trainer:
             raise RuntimeError("pre-flight check failed: " + "; ".join(found))
         # wrap first, then load: Horovod's DistributedOptimizer is a new optimizer object that would
         # drop a state loaded into the one it wraps
-        model = self.model = comm.wrap_model(self.net)
+        self.model = comm.wrap_model(self.net)
         if t.compile:  # after DDP: its optimizer splits the graph at bucket boundaries
-            model = self.model = torch.compile(model)
-        opt = self.optimizer = comm.wrap_optimizer(self.optimizer, model, t.grad_accum_steps)
+            self.model = torch.compile(self.model)
+        self.optimizer = comm.wrap_optimizer(self.optimizer, self.model, t.grad_accum_steps)
         state = self.ckpt.load()
         if state is not None:
             self.restore(state)
             if comm.is_main:
                 print(f"resuming from step {self.step} (epoch {self.epoch}, sample {self.epoch_pos})", flush=True)
-        comm.broadcast_state(model, opt)
+        comm.broadcast_state(self.model, self.optimizer)
         random.seed(cfg.seed + comm.rank + self.step)
         if state is None or not comm.is_main:
             torch.manual_seed(cfg.seed + comm.rank + self.step)
+
+    def train_step(self, data: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                   want_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over grad_accum_steps micro-batches: (summed loss, grad norm or None)."""
+        comm, model, accum = self.comm, self.model, self.cfg.trainer.grad_accum_steps
+        loss_sum = torch.zeros((), device=comm.device)
+        for micro in range(accum):
+            x, y = next(data)
+            with comm.no_sync(model, last_micro_step=micro == accum - 1), self.autocast:
+                # flatten(0, -2): (B, classes) stays; an LM's (B, T, vocab) becomes (B*T, vocab)
+                loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten()) / accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, want_norm)
+        self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
+        self.step += 1
+        return loss_sum, grad_norm
+
+    def train(self) -> dict[str, float]:
+        cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
+        self.prepare()
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
         data = self.batches()
         samples_per_step = cfg.data.batch_size * t.grad_accum_steps * comm.world_size
@@ -159,19 +181,9 @@ class Trainer:
         tick, tick_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
             lr = lr_at(self.step, self.peak, cfg.schedule, t.max_steps)
-            set_lr(opt, lr)
-            loss_sum = torch.zeros((), device=comm.device)
-            for micro in range(t.grad_accum_steps):
-                x, y = next(data)
-                with comm.no_sync(model, last_micro_step=micro == t.grad_accum_steps - 1), self.autocast:
-                    # flatten(0, -2): (B, classes) stays; an LM's (B, T, vocab) becomes (B*T, vocab)
-                    loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten()) / t.grad_accum_steps
-                    loss.backward()
-                loss_sum += loss.detach()
+            set_lr(self.optimizer, lr)
             logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-            grad_norm = comm.clip_and_step(opt, model, t.grad_clip, want_norm=logging)
-            opt.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
-            self.step += 1
+            loss_sum, grad_norm = self.train_step(data, want_norm=logging)
             last = self.step == t.max_steps
             bar.update(1)
             metrics.log({"lr": lr}, self.step)  # every step: schedules are checked against their formula
@@ -186,8 +198,8 @@ class Trainer:
                 metrics.log({"train/loss": loss_avg, "train/grad_norm": grad_norm.item(), **perf,
                              "train/epoch": self.epoch}, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
-            # a collective: every 10 steps keeps its cost off the step time, and a stop or save still
-            # lands within a few milliseconds of the signal
+            # a collective: polling every SIGNAL_POLL_EVERY steps keeps its cost off the step time, and
+            # a stop or save still lands within those few steps of the signal
             asked = self.signals.poll(comm) if self.step % SIGNAL_POLL_EVERY == 0 else Requests()
             stall = self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
             if stall is not None:  # rank 0 only
