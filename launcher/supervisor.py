@@ -63,8 +63,12 @@ def find_failure(output: list[str], log_dir: Path) -> Failure | None:
         return _find_mpi_failure(output, log_dir)
     if code is None:
         return None
-    logs = sorted(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
-    log = logs[-1] if logs else None
+    return _with_log(rank, code, list(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log")))
+
+
+def _with_log(rank: int, code: int, logs: list[Path]) -> Failure:
+    """The failure with the tail of the newest of the rank's log files (a restart writes a new one)."""
+    log = max(logs, key=lambda p: p.stat().st_mtime, default=None)
     tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
     return Failure(rank, code, log, tail)
 
@@ -102,11 +106,8 @@ def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
             break
     if rank is None or code is None:
         return None
-    logs = sorted([*log_dir.glob(f"mpi/*/rank.{rank}/stderr"), *log_dir.glob(f"horovod/rank.{rank}/stderr")],
-                  key=lambda p: p.stat().st_mtime)
-    log = logs[-1] if logs else None
-    tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
-    return Failure(rank, code, log, tail)
+    return _with_log(rank, code, [*log_dir.glob(f"mpi/*/rank.{rank}/stderr"),
+                                  *log_dir.glob(f"horovod/rank.{rank}/stderr")])
 
 
 class Supervisor:
