@@ -25,6 +25,7 @@ class Cmd:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     name: str = "node0"  # prefix for this command's console lines when there are several
+    rank_marker: str = ""  # an argv element only the rank processes have (their program), for SIGUSR1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +73,11 @@ class LaunchPlan:
     @property
     def builtin(self) -> bool:
         return self.program[:3] == ("-m", "workers.train", "--run-dir")
+
+    @property
+    def rank_marker(self) -> str:
+        """The module or script every rank runs: how rank processes are told from runners and shells."""
+        return self.program[1] if self.program[0] == "-m" else self.program[0]
 
 
 def parse_host(entry: str, default_slots: int) -> tuple[str, int]:

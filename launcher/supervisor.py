@@ -75,10 +75,12 @@ def _with_log(rank: int, code: int, logs: list[Path]) -> Failure:
 
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (from /proc; torchrun starts each rank in a session of its own)."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    out = []
+    # every thread's list: horovodrun starts ranks from worker threads, not its main thread
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 def descendants(pid: int) -> list[int]:
@@ -88,6 +90,13 @@ def descendants(pid: int) -> list[int]:
         out.append(child)
         todo += children(child)
     return out
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def _signal_pids(pids: list[int], sig: int) -> None:
@@ -130,10 +139,10 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGUSR1:
-            # checkpoint-now request (Slurm preemption warning): only the ranks take it; torchrun and
-            # horovodrun would die of SIGUSR1's default action
-            for p in self.procs:
-                _signal_pids(children(p.pid), signum)
+            # checkpoint-now request (Slurm preemption warning): only the ranks may get it; torchrun,
+            # horovodrun's helpers and the shells it starts ranks with would die of its default action
+            for p, cmd in zip(self.procs, self.commands, strict=False):
+                _signal_pids([pid for pid in descendants(p.pid) if cmd.rank_marker in _argv(pid)], signum)
             return
         self.signals.append(signum)
         # first signal: ask every child to stop (they checkpoint and exit); second: kill now

@@ -37,8 +37,10 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
             continue
         if b"workers.train" in cmdline and str(run_dir).encode() in cmdline:
             env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
-            # torchrun sets LOCAL_RANK before exec; under mpirun only OMPI's variable is in the initial env
-            local = env.get(b"LOCAL_RANK", env.get(b"OMPI_COMM_WORLD_LOCAL_RANK"))
+            # torchrun sets LOCAL_RANK before exec; under mpirun/horovodrun only their own variables are in
+            # the initial environment
+            local = next((env[k] for k in (b"LOCAL_RANK", b"OMPI_COMM_WORLD_LOCAL_RANK", b"HOROVOD_LOCAL_RANK")
+                          if k in env), None)
             if local is not None:
                 pids[int(local)] = int(proc.name)
     return pids
@@ -159,8 +161,12 @@ def test_resume_with_another_world_size_sees_each_sample_once(before: int, after
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_now_and_keeps_training(tmp_path: Path) -> None:
-    proc = start_training(tmp_path, "trainer.max_steps=3000")
+@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi),
+                                     pytest.param("horovod", marks=pytest.mark.horovod)])
+def test_sigusr1_checkpoints_now_and_keeps_training(tmp_path: Path, backend: str) -> None:
+    if shutil.which({"torchrun": "torchrun", "mpi": "mpirun", "horovod": "horovodrun"}[backend]) is None:
+        pytest.skip(f"needs the {backend} runner: bash scripts/setup.sh --test")
+    proc = start_training(tmp_path, "--backend", backend, "trainer.max_steps=3000")
     proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: list((tmp_path / "checkpoints").glob("step-*.json")), timeout=30)
     code, out, err = finish(proc)

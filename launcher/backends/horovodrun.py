@@ -29,7 +29,7 @@ class HorovodBackend:
             argv += [plan.python, *plan.program, "--comm", "horovod"]
         else:
             argv += [plan.python, *plan.program]
-        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="horovodrun")]
+        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="horovodrun", rank_marker=plan.rank_marker)]
 
     def check_available(self) -> str | None:
         spec = importlib.util.find_spec("horovod")

@@ -26,7 +26,7 @@ class MpirunBackend:
         for key, value in plan.env.items():
             argv += ["-x", f"{key}={value}"]
         argv += [plan.python, "-m", "workers.mpi_env", *plan.program]
-        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="mpirun")]
+        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="mpirun", rank_marker=plan.rank_marker)]
 
     def check_available(self) -> str | None:
         if shutil.which("mpirun") is None:

@@ -34,7 +34,7 @@ class TorchrunBackend:
         ]
         argv += plan.program  # `-m workers.train …`, `script.py …` or `-m module …`, as torchrun takes them
         env = {**plan.env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": LOG_LINE_PREFIX}
-        return [Cmd(argv=tuple(argv), env=env, name=f"node{plan.node_rank}")]
+        return [Cmd(argv=tuple(argv), env=env, name=f"node{plan.node_rank}", rank_marker=plan.rank_marker)]
 
     def check_available(self) -> str | None:
         return None  # torch is a hard dependency
