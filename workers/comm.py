@@ -50,7 +50,6 @@ class Comm(Protocol):
     def broadcast_object(self, obj: Any) -> Any: ...
     def allgather_object(self, obj: Any) -> list[Any]: ...
     def barrier(self) -> None: ...
-    def unwrap(self, model: nn.Module) -> nn.Module: ...
     def close(self) -> None: ...
 
 
@@ -110,9 +109,6 @@ class SingleProcessComm:
     def barrier(self) -> None:
         pass
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model
-
     def close(self) -> None:
         pass
 
@@ -168,9 +164,6 @@ class DDPComm(SingleProcessComm):
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def close(self) -> None:
         if dist.is_initialized():
