@@ -9,10 +9,12 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 from launcher import __doc__ as MANUAL
+from launcher import slurm_env
 from launcher.backends import backend_names, get_backend
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. optimizer=sgd optimizer.lr=0.05")
     g = p.add_argument_group("job shape")
-    g.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    g.add_argument("--nodes", type=int, default=None, help="number of nodes (default 1; in Slurm: the allocation's)")
     g.add_argument("--gpus", type=int, default=None,
                    help="ranks per node: one GPU each; CPU ranks on gloo when there is no CUDA "
                         "(default: all GPUs, or 1 CPU rank)")
@@ -98,7 +100,13 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def options_from_args(args: argparse.Namespace, program: list[str]) -> LaunchOptions:
+def options_from_args(args: argparse.Namespace, program: list[str],
+                      env: Mapping[str, str] | None = None) -> LaunchOptions:
+    alloc = slurm_env.allocation(env or {})
+    if alloc is not None:  # inside sbatch/salloc: the job shape comes from Slurm, flags must agree
+        slurm_env.check_flags(alloc, args.nodes, args.node_rank, args.master_addr)
+        args.nodes, args.node_rank, args.master_addr = alloc.nodes, alloc.node_rank, alloc.master_addr
+        args.master_port = args.master_port or alloc.master_port
     hosts = args.hosts.split(",") if args.hosts else []
     if args.hostfile is not None:
         hosts += parse_hostfile(args.hostfile)
@@ -107,7 +115,7 @@ def options_from_args(args: argparse.Namespace, program: list[str]) -> LaunchOpt
     else:
         run_dir = args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))
     return LaunchOptions(
-        backend=args.backend, nodes=args.nodes, gpus=args.gpus, node_rank=args.node_rank,
+        backend=args.backend, nodes=args.nodes or 1, gpus=args.gpus, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, hosts=tuple(hosts),
         controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
@@ -161,7 +169,7 @@ def run(argv: list[str]) -> int:
     if program and program[0] != "-m" and not Path(program[0]).is_file():
         raise UsageError(f"script {program[0]} not found (working directory: {Path.cwd()})")
     cfg = None if program else compose_config(args.overrides, args.config_dir)
-    opts = options_from_args(args, program)
+    opts = options_from_args(args, program, os.environ)
     plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
                        cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ,
                        is_root=os.geteuid() == 0)
