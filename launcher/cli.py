@@ -19,6 +19,7 @@ from launcher.backends import backend_names, get_backend
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
 from launcher.plan import LaunchOptions, LaunchPlan, plan_launch
+from launcher.ssh import check_hosts
 from launcher.supervisor import Supervisor, find_failure
 from workers.config import to_yaml
 
@@ -45,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="torchrun", choices=backend_names(), help="default: torchrun")
     g.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
                    help="restart all ranks this many times after a failure (default 0: fail fast)")
+    s = p.add_argument_group("several hosts from this one (ssh fan-out; horovodrun and mpirun ssh themselves)")
+    s.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
+    s.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
+    s.add_argument("--ssh-config", type=Path, default=None, help="ssh -F FILE (default: ~/.ssh/config)")
+    s.add_argument("--ssh-timeout", type=int, default=10, help="ssh connect timeout in seconds (default 10)")
     h = p.add_argument_group("horovod")
-    h.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
-    h.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
     h.add_argument("--controller", default="gloo", choices=("gloo", "mpi"), help="horovodrun controller")
     h.add_argument("--network-interface", default=None, help="horovodrun --network-interface")
     h.add_argument("--timeline", default=None, help="write a Horovod timeline to this file")
@@ -74,10 +78,13 @@ def parse_hostfile(path: Path) -> list[str]:
         if not line:
             continue
         parts = line.split()
-        if len(parts) == 1 and ":" in parts[0] and parts[0].rsplit(":", 1)[1].isdigit() or len(parts) == 1:
-            hosts.append(parts[0])
-        elif len(parts) == 2 and parts[1].startswith("slots=") and parts[1][6:].isdigit():
-            hosts.append(f"{parts[0]}:{parts[1][6:]}")
+        name, colon, slots = parts[0].partition(":")
+        if len(parts) == 2 and not colon and parts[1].startswith("slots="):
+            colon, slots = ":", parts[1][len("slots="):]
+        elif len(parts) != 1:
+            name = ""
+        if name and (not colon or slots.isdigit() and int(slots) > 0):
+            hosts.append(f"{name}{colon}{slots}")
         else:
             raise UsageError(f"{path}:{number}: bad hostfile line {raw.strip()!r}: expected 'host slots=N' or 'host:N'")
     if not hosts:
@@ -120,18 +127,24 @@ def options_from_args(args: argparse.Namespace, program: list[str],
         controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
         max_restarts=args.max_restarts, run_dir=run_dir.resolve(), program=tuple(program),
+        # the same on every node, however many seconds apart they start
+        job_id=args.name or (alloc.job_id if alloc else "launcher"),
+        workdir=Path.cwd(), ssh_config=args.ssh_config, ssh_timeout=args.ssh_timeout,
     )
 
 
 def describe(plan: LaunchPlan) -> str:
     """The plan as an aligned block, then each command exactly as it will run."""
     facts = {"backend": plan.backend, "device": plan.device + (" (NCCL)" if plan.device == "cuda" else " (gloo)"),
-             "nodes": plan.nnodes, "ranks per node": plan.nproc_per_node, "world size": plan.world_size,
+             "nodes": plan.nnodes,
+             "ranks per node": ",".join(str(n) for _, n in plan.hosts) if plan.hosts else plan.nproc_per_node,
+             "world size": plan.world_size,
              "node rank": plan.node_rank, "master": f"{plan.master_addr}:{plan.master_port}",
              "max restarts": plan.max_restarts, "run dir": plan.run_dir}
     lines = [f"  {k:<15} {v}" for k, v in facts.items()]
     for cmd in plan.commands:
-        lines.append(f"  [{cmd.name}] env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in cmd.env.items()))
+        if cmd.env:
+            lines.append(f"  [{cmd.name}] env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in cmd.env.items()))
         lines.append(f"  [{cmd.name}] cmd: {shlex.join(cmd.argv)}")
     return "\n".join(lines)
 
@@ -139,11 +152,18 @@ def describe(plan: LaunchPlan) -> str:
 def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool) -> None:
     """Write the resolved config and the plan. --no-resume moves old state aside; nothing is deleted."""
     run_dir = plan.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} is a file. HINT: pass another --run-dir or --name")
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
         old = [run_dir / d for d in ("checkpoints", "tb") if (run_dir / d).exists()]
         if old:
-            aside = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = run_dir / "previous" / stamp
+            for n in range(1, 1000):  # two --no-resume launches in one second keep both
+                if not aside.exists():
+                    break
+                aside = run_dir / "previous" / f"{stamp}-{n}"
             aside.mkdir(parents=True)
             for d in old:
                 d.rename(aside / d.name)
@@ -166,6 +186,8 @@ def run(argv: list[str]) -> int:
     if program and args.overrides:
         raise UsageError(f"config overrides {args.overrides} apply to the built-in trainer only, "
                          "not to a script given after `--`")
+    if program == ["-m"]:
+        raise UsageError("`-- -m` needs a module: `-- -m package.module args`")
     if program and program[0] != "-m" and not Path(program[0]).is_file():
         raise UsageError(f"script {program[0]} not found (working directory: {Path.cwd()})")
     cfg = None if program else compose_config(args.overrides, args.config_dir)
@@ -179,6 +201,10 @@ def run(argv: list[str]) -> int:
     problem = get_backend(plan.backend).check_available()
     if problem:
         raise UsageError(problem)
+    remote_hosts = [h for h, _ in plan.hosts if h not in ("localhost", "127.0.0.1")]
+    if remote_hosts:  # before anything starts: every host answers over ssh
+        check_hosts(remote_hosts, config=plan.ssh_config, timeout=plan.ssh_timeout, workdir=plan.workdir,
+                    python=plan.python)
     prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=args.no_resume)
     if plan.device == "cpu":
         print(f"launcher: no CUDA device found: running {plan.nproc_per_node} CPU rank(s) per node on gloo")
@@ -190,14 +216,25 @@ def run(argv: list[str]) -> int:
         code = sup.run()
         if code == 0 or sup.signals:
             return code
-        failure = find_failure(list(sup.output), plan.run_dir / "logs")
-        print(failure.describe() if failure else
-              f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:]),
-              file=sys.stderr)
+        print(failure_report(sup, plan, code), file=sys.stderr)
         if attempt < restarts:
             print(f"launcher: restarting all ranks ({attempt + 1}/{restarts}); they resume from the newest "
                   "checkpoint", file=sys.stderr, flush=True)
     return code
+
+
+def failure_report(sup: Supervisor, plan: LaunchPlan, code: int) -> str:
+    """Which rank failed and why, per failed node; a rank killed by a signal first (usually the cause)."""
+    failures = []
+    for cmd in sup.failed:
+        failure = find_failure(list(sup.outputs[cmd.name]), plan.run_dir / "logs")
+        if failure is not None:
+            failure.node = cmd.name if len(plan.commands) > 1 else None
+            failures.append(failure)
+    if not failures:
+        return f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:])
+    failures.sort(key=lambda f: f.exit_code >= 0)
+    return "\n".join(f.describe() for f in failures)
 
 
 def main(argv: list[str] | None = None) -> int:

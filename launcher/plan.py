@@ -26,6 +26,7 @@ class Cmd:
     env: Mapping[str, str] = field(default_factory=dict)
     name: str = "node0"  # prefix for this command's console lines when there are several
     rank_marker: str = ""  # an argv element only the rank processes have (their program), for SIGUSR1
+    remote: bool = False  # runs on another host over ssh; stdin is its control channel (launcher.node)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +46,11 @@ class LaunchOptions:
     fusion_threshold_mb: int | None = None  # horovod tuning
     cycle_time_ms: float | None = None  # horovod tuning
     max_restarts: int = 0
+    job_id: str = "launcher"  # rendezvous id: the same on every node (a run name, a Slurm job id)
     run_dir: Path
+    workdir: Path = Path("/")  # where remote nodes start (ssh fan-out): the launcher's working directory
+    ssh_config: Path | None = None  # ssh -F FILE for the fan-out and the reachability check
+    ssh_timeout: int = 10  # seconds: ssh ConnectTimeout
     program: tuple[str, ...] = ()  # `-- script.py args` (or `-- -m module args`); () = built-in trainer
 
 
@@ -66,6 +71,11 @@ class LaunchPlan:
     python: str
     env: Mapping[str, str]  # added to every rank's environment
     max_restarts: int
+    job_id: str = "launcher"
+    workdir: Path = Path("/")
+    ssh_config: Path | None = None
+    ssh_timeout: int = 10
+    forwarded_env: Mapping[str, str] = field(default_factory=dict)  # the launcher's env that remote ranks get
     tuning: Mapping[str, str] = field(default_factory=dict)  # backend-specific pass-through options
     flags: Mapping[str, bool] = field(default_factory=dict)  # as_root, oversubscribe (mpirun)
     commands: tuple[Cmd, ...] = ()
@@ -91,7 +101,8 @@ def parse_host(entry: str, default_slots: int) -> tuple[str, int]:
 def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_count: int,
                 python: str, env: Mapping[str, str], is_root: bool = False) -> LaunchPlan:
     """Validate ``opts`` against the machine and build the plan (commands included)."""
-    from launcher.backends import get_backend  # backends import this module
+    from launcher.backends import get_backend  # backends (and ssh) import this module
+    from launcher.ssh import exported_env
 
     backend = get_backend(opts.backend)
     gpus = opts.gpus if opts.gpus is not None else max(device_count, 1)
@@ -116,14 +127,17 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         raise UsageError(f"--nodes {nodes} needs --node-rank and --master-addr on each node (run the "
                          f"launcher once per node), e.g. --nodes {nodes} --node-rank 0 --master-addr node0")
     program = opts.program or ("-m", "workers.train", "--run-dir", str(opts.run_dir))
+    if opts.program[:1] == ("-m",) and len(opts.program) < 2:
+        raise UsageError("`-- -m` needs a module: `-- -m package.module args`")
     if opts.program and opts.program[0] != "-m" and not opts.program[0].endswith(".py"):
         raise UsageError(f"{opts.program[0]!r} is not a Python script: pass `-- script.py args` or "
                          "`-- -m package.module args`")
+    most_ranks = max((n for _, n in hosts), default=gpus)  # on one node: threads are shared by its ranks
     pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     worker_env = {
         "PYTHONUNBUFFERED": "1",  # rank output reaches the console line by line
         "PYTHONPATH": pythonpath,  # `-m workers.train` works from any working directory
-        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, cpu_count // gpus))),
+        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, cpu_count // most_ranks))),
         "LAUNCHER_RUN_DIR": str(opts.run_dir),
     }
     tuning = {k: str(v) for k, v in (("timeline-filename", opts.timeline),
@@ -133,11 +147,12 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
     plan = LaunchPlan(
         backend=backend.name, device="cuda" if device_count else "cpu", nnodes=nodes,
         nproc_per_node=gpus, world_size=world, node_rank=node_rank,
-        master_addr=opts.master_addr or "127.0.0.1",
+        master_addr=opts.master_addr or (hosts[0][0] if hosts else "127.0.0.1"),
         master_port=opts.master_port or (free_port if nodes == 1 else DEFAULT_MASTER_PORT),
         hosts=hosts, controller=opts.controller, run_dir=opts.run_dir, program=program,
-        python=python, env=worker_env, max_restarts=opts.max_restarts, tuning=tuning,
+        python=python, env=worker_env, max_restarts=opts.max_restarts, job_id=opts.job_id, workdir=opts.workdir,
+        ssh_config=opts.ssh_config, ssh_timeout=opts.ssh_timeout, forwarded_env=exported_env(env), tuning=tuning,
         flags={"as_root": is_root,
-               "oversubscribe": max((n for _, n in hosts), default=gpus) > cpu_count},
+               "oversubscribe": most_ranks > cpu_count},
     )
     return replace(plan, commands=tuple(backend.build_commands(plan)))

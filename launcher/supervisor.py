@@ -35,11 +35,12 @@ class Failure:
     exit_code: int
     log: Path | None = None
     tail: list[str] = field(default_factory=list)
+    node: str | None = None  # the command (host) it ran under, when there are several
 
     def describe(self) -> str:
         how = (f"killed by signal {signal.Signals(-self.exit_code).name}" if self.exit_code < 0
                else f"exit code {self.exit_code}")
-        who = f"rank {self.rank}" if self.rank is not None else "a rank"
+        who = (f"rank {self.rank}" if self.rank is not None else "a rank") + (f" on {self.node}" if self.node else "")
         lines = [f"launcher: {who} failed ({how})" + (f"; log: {self.log}" if self.log else "")]
         if self.tail:
             lines.append(f"---- last {len(self.tail)} lines of {'its log' if self.log else 'output'} ----")
@@ -105,6 +106,11 @@ def _signal_pids(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def signal_ranks(pid: int, marker: str, sig: int) -> None:
+    """Signal the rank processes under ``pid``, told from runners and shells by ``marker`` in their argv."""
+    _signal_pids([p for p in descendants(pid) if marker in _argv(p)], sig)
+
+
 def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
     rank = code = None
     for line in output:
@@ -124,16 +130,19 @@ class Supervisor:
         self.commands, self.out = commands, out
         self.procs: list[subprocess.Popen] = []
         self.output: deque[str] = deque(maxlen=2000)  # enough to hold torchrun's failure report
+        self.outputs = {c.name: deque[str](maxlen=2000) for c in commands}  # the same, per command
+        self.failed: list[Cmd] = []  # commands that failed on their own (not stopped by us), in order
         self.signals: list[int] = []
         self.deadline: float | None = None  # set once termination starts; SIGKILL after it
         self._lock = threading.Lock()
 
-    def _pump(self, proc: subprocess.Popen, prefix: str) -> None:
+    def _pump(self, proc: subprocess.Popen, cmd: Cmd, prefix: str) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip("\n")
             with self._lock:
                 self.output.append(line)
+                self.outputs[cmd.name].append(line)
                 self.out.write(f"{prefix}{line}\n")
                 self.out.flush()
 
@@ -142,7 +151,10 @@ class Supervisor:
             # checkpoint-now request (Slurm preemption warning): only the ranks may get it; torchrun,
             # horovodrun's helpers and the shells it starts ranks with would die of its default action
             for p, cmd in zip(self.procs, self.commands, strict=False):
-                _signal_pids([pid for pid in descendants(p.pid) if cmd.rank_marker in _argv(pid)], signum)
+                if cmd.remote:
+                    self._send(p, "USR1")
+                else:
+                    signal_ranks(p.pid, cmd.rank_marker, signum)
             return
         self.signals.append(signum)
         # first signal: ask every child to stop (they checkpoint and exit); second: kill now
@@ -156,8 +168,22 @@ class Supervisor:
             self.deadline = time.monotonic() + GRACE_S
             self._kill_all(signal.SIGTERM)
 
+    @staticmethod
+    def _send(proc: subprocess.Popen, word: str) -> None:
+        """A word on a remote node's control channel (ssh's stdin, read by launcher.node)."""
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            proc.stdin.write(word + "\n")
+            proc.stdin.flush()
+
     def _kill_all(self, sig: int) -> None:
-        for p in self.procs:
+        for p, cmd in zip(self.procs, self.commands, strict=False):
+            if p.poll() is None and cmd.remote:
+                self._send(p, "KILL" if sig == signal.SIGKILL else "TERM")
+                if sig != signal.SIGKILL:
+                    continue
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)  # the node agent kills its ranks and exits, and ssh with it
             if p.poll() is None:
                 # SIGKILL must reach the ranks directly: they run in sessions of their own and
                 # would outlive a killed torchrun
@@ -174,10 +200,11 @@ class Supervisor:
         try:
             for cmd in self.commands:
                 proc = subprocess.Popen(list(cmd.argv), env={**os.environ, **cmd.env}, text=True, bufsize=1,
+                                        stdin=subprocess.PIPE if cmd.remote else None,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         start_new_session=True, errors="replace")
                 self.procs.append(proc)
-                pump = threading.Thread(target=self._pump, args=(proc, f"[{cmd.name}] " if multi else ""),
+                pump = threading.Thread(target=self._pump, args=(proc, cmd, f"[{cmd.name}] " if multi else ""),
                                         daemon=True)
                 pump.start()
                 pumps.append(pump)
@@ -198,6 +225,9 @@ class Supervisor:
         while True:
             codes = [p.poll() for p in self.procs]
             failed = [c for c in codes if c not in (None, 0)]
+            if self.deadline is None:  # failures before we stopped anything are the job's own
+                self.failed += [cmd for cmd, c in zip(self.commands, codes, strict=True)
+                                if c not in (None, 0) and cmd not in self.failed]
             if all(c is not None for c in codes):
                 return failed[0] if failed else 0
             if failed:

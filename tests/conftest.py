@@ -1,18 +1,33 @@
-"""Shared test helpers: start the launcher for real, read TensorBoard back, find leftover processes."""
+"""Shared test helpers: start the launcher for real, read TensorBoard back, find leftover processes.
+
+Nothing here mocks torch.distributed: the helpers start ``python -m launcher`` (which starts torchrun, which
+starts gloo ranks) and read back what those processes left on disk and in /proc.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root, wherever pytest is started from
+LAUNCHER_TIMEOUT_S = 300.0  # a hung run fails the test instead of hanging the suite
 
 
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
+
+
+# -- starting the launcher -------------------------------------------------------------------------
 def start(run_dir: Path, *args: str, gpus: int = 2, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m launcher --gpus N --run-dir RUN_DIR ARGS…`` as a real child process."""
     return subprocess.Popen([sys.executable, "-m", "launcher", "--gpus", str(gpus), "--run-dir", str(run_dir), *args],
@@ -20,7 +35,7 @@ def start(run_dir: Path, *args: str, gpus: int = 2, env: dict[str, str] | None =
                             env={**os.environ, **(env or {})})
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = LAUNCHER_TIMEOUT_S) -> tuple[int, str, str]:
     """Wait for the launcher; on timeout stop it like a user would (SIGTERM, so it cleans up its ranks)."""
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -31,25 +46,47 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def launch(run_dir: Path, *args: str, gpus: int = 2, timeout: float = 300) -> tuple[str, str]:
+def run_launcher(args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float = LAUNCHER_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``python -m launcher ARGS`` to completion; never raises on a non-zero exit (tests check it).
+
+    Unlike ``subprocess.run(timeout=…)``, which SIGKILLs the launcher and orphans its ranks (they run in
+    sessions of their own), a timeout here sends SIGTERM so the launcher stops its ranks first."""
+    argv = [sys.executable, "-m", "launcher", *args]
+    proc = subprocess.Popen(argv, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    code, out, err = finish(proc, timeout)
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def launch(run_dir: Path, *args: str, gpus: int = 2, timeout: float = LAUNCHER_TIMEOUT_S) -> tuple[str, str]:
     """Run the launcher to completion and insist on exit 0; returns (stdout, stderr)."""
     code, out, err = finish(start(run_dir, *args, gpus=gpus), timeout)
     assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
     return out, err
 
 
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of one TensorBoard tag, read back with tensorboard's event reader."""
+# -- reading results back --------------------------------------------------------------------------
+def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag under RUN_DIR/tb -> [(step, value), …], read back with tensorboard's event reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard tag (KeyError if the run never logged it)."""
+    return tb_scalars(run_dir)[tag]
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
 
 
 def newest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)["model"]
+    return torch.load(newest_checkpoint(run_dir), weights_only=True)["model"]
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -58,6 +95,7 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key], b[key]), key
 
 
+# -- leftover processes ----------------------------------------------------------------------------
 def run_processes(marker: str | Path) -> list[int]:
     """Live (non-zombie) processes whose command line mentions ``marker`` (e.g. the run directory)."""
     found = []
@@ -70,3 +108,18 @@ def run_processes(marker: str | Path) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+def leftover_processes(marker: str | Path, grace_s: float = 10.0) -> list[str]:
+    """Command lines of processes mentioning ``marker`` that are still alive after ``grace_s``.
+
+    Killed children can take a moment to be reaped by init after the launcher returns; that is not a leak,
+    so poll instead of asserting on one snapshot. Returns [] as soon as none is left."""
+    deadline = time.monotonic() + grace_s
+    while (pids := run_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # it may have gone away after all
+            out.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return out

@@ -54,7 +54,7 @@ def test_launcher_inside_an_allocation_plans_from_slurm(tmp_path) -> None:  # no
     out = subprocess.run([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(tmp_path), "--dry-run"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--nnodes 2 --nproc-per-node 2 --node-rank 1" in out.stdout
+    assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in out.stdout and "is_host=0" in out.stdout
     assert "--rdzv-endpoint node1:18456" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "launcher", "--nodes", "3", "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,30 +13,46 @@ from omegaconf import OmegaConf
 from launcher.config import compose_config
 from launcher.errors import UsageError
 from workers import checkpoint as ck
+from workers import config as schema
 from workers.comm import SingleProcessComm
 from workers.config import ScheduleConfig, to_yaml
+from workers.data import ResumableSampler
 from workers.dist_env import DistEnv
 from workers.optim import lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- DistEnv.from_env -----------------------------------------------------------------------------
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+            "MASTER_ADDR": "n0", "MASTER_PORT": "1234", "TORCHELASTIC_RESTART_COUNT": "2"}
+SLURM = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2(x2)",
+         "SLURM_NODEID": "1"}
 
 
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
         ({}, DistEnv()),
-        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-          "MASTER_ADDR": "n0", "MASTER_PORT": "1234", "TORCHELASTIC_RESTART_COUNT": "2"},
-         DistEnv(3, 8, 1, 2, 1, "n0", 1234, "torchrun", 2)),
+        ({"PATH": "/bin", "HOME": "/root"}, DistEnv()),  # unrelated variables: still one process
+        (TORCHRUN, DistEnv(rank=3, world_size=8, local_rank=1, local_world_size=2, node_rank=1, master_addr="n0",
+                           master_port=1234, launched_by="torchrun", restart_count=2)),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, DistEnv(rank=1, world_size=2, local_world_size=2,
+                                                   launched_by="torchrun")),
         ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2"},
-         DistEnv(1, 2, 1, 2, 0, launched_by="horovod")),
+         DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2, launched_by="horovod")),
         ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "6", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
           "OMPI_COMM_WORLD_LOCAL_SIZE": "3", "OMPI_COMM_WORLD_NODE_RANK": "1"},
-         DistEnv(5, 6, 2, 3, 1, launched_by="mpi")),
-        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2(x2)",
-          "SLURM_NODEID": "1"}, DistEnv(2, 4, 0, 2, 1, launched_by="slurm")),
+         DistEnv(rank=5, world_size=6, local_rank=2, local_world_size=3, node_rank=1, launched_by="mpi")),
+        (SLURM, DistEnv(rank=2, world_size=4, local_rank=0, local_world_size=2, node_rank=1, launched_by="slurm")),
+        ({**SLURM, **TORCHRUN}, DistEnv.from_env(TORCHRUN)),  # torchrun inside an allocation: torchrun's ranks
     ],
+    ids=["none", "unrelated", "torchrun", "torchrun-minimal", "horovod", "ompi", "slurm", "torchrun-in-slurm"],
 )
 def test_dist_env_from_env(env: dict[str, str], expected: DistEnv) -> None:
-    assert DistEnv.from_env(env) == expected
+    got = DistEnv.from_env(env)
+    assert got == expected
+    assert got.is_main == (got.rank == 0)
 
 
 def test_dist_env_bad_value_names_the_variable() -> None:
@@ -47,62 +64,121 @@ def test_no_stray_environ_reads() -> None:
     """Rank info is read from the environment once (train.py -> dist_env.py); test hooks once (testhooks.py);
     the launcher reads it at its edges (cli.py passes it to the pure planner, supervisor.py to children)."""
     allowed = {"dist_env.py", "train.py", "testhooks.py", "mpi_env.py", "cli.py", "supervisor.py"}
-    root = Path(__file__).resolve().parent.parent
-    offenders = [p for d in ("workers", "launcher") for p in (root / d).rglob("*.py")
+    offenders = [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")
                  if p.name not in allowed and ("os.environ" in p.read_text() or "os.getenv" in p.read_text())]
     assert offenders == []
 
 
-PEAK = 1.0
+# -- learning-rate schedules ----------------------------------------------------------------------
+PEAK, MAX_STEPS = 1.0, 100
+CONSTANT = ScheduleConfig(name="constant", warmup_steps=10)
+STEP = ScheduleConfig(name="step", step_size=10, gamma=0.5)
+LINEAR = ScheduleConfig(name="linear", warmup_steps=10, min_lr=0.1)
+COSINE = ScheduleConfig(name="cosine", warmup_steps=10, min_lr=0.0)
 
 
 @pytest.mark.parametrize(
     ("sched", "step", "expected"),
     [
         (ScheduleConfig(name="constant"), 0, PEAK),
-        (ScheduleConfig(name="constant", warmup_steps=10), 4, 0.5),
-        (ScheduleConfig(name="step", step_size=10, gamma=0.5), 25, 0.25),
-        (ScheduleConfig(name="linear", warmup_steps=10, min_lr=0.1), 9, PEAK),  # warmup end
-        (ScheduleConfig(name="linear", warmup_steps=10, min_lr=0.1), 55, 0.1 + 0.9 * 0.5),  # mid-decay
-        (ScheduleConfig(name="linear", warmup_steps=10, min_lr=0.1), 100, 0.1),  # end
-        (ScheduleConfig(name="cosine", warmup_steps=10, min_lr=0.0), 9, PEAK),
-        (ScheduleConfig(name="cosine", warmup_steps=10, min_lr=0.0), 55, 0.5),
-        (ScheduleConfig(name="cosine", warmup_steps=10, min_lr=0.0), 100, 0.0),
+        (CONSTANT, 0, 0.1),  # warmup: peak * (step + 1) / warmup_steps
+        (CONSTANT, 4, 0.5),
+        (CONSTANT, 9, PEAK),  # warmup end
+        (CONSTANT, 50, PEAK),
+        (CONSTANT, 99, PEAK),
+        (STEP, 9, PEAK),  # end of the first interval
+        (STEP, 10, 0.5),
+        (STEP, 25, 0.25),  # mid-decay: gamma ** (25 // 10)
+        (STEP, 99, 0.5**9),  # end
+        (LINEAR, 9, PEAK),  # warmup end
+        (LINEAR, 10, PEAK),  # decay starts at the peak
+        (LINEAR, 55, 0.1 + 0.9 * 0.5),  # mid-decay: halfway from warmup end (10) to max_steps (100)
+        (LINEAR, 100, 0.1),  # end
+        (LINEAR, 150, 0.1),  # past the horizon: stays at min_lr
+        (COSINE, 9, PEAK),
+        (COSINE, 10, PEAK),
+        (COSINE, 55, 0.5),  # mid-decay
+        (COSINE, 100, 0.0),
         (ScheduleConfig(name="cosine", warmup_steps=0, min_lr=0.2, total_steps=40), 10,
-         0.2 + 0.4 * (1 + math.cos(math.pi * 0.25))),
+         0.2 + 0.4 * (1 + math.cos(math.pi * 0.25))),  # total_steps overrides max_steps
+        (ScheduleConfig(name="cosine", warmup_steps=0, min_lr=0.2, total_steps=40), 40, 0.2),
     ],
 )
 def test_lr_schedules_match_formulas(sched: ScheduleConfig, step: int, expected: float) -> None:
-    assert lr_at(step, PEAK, sched, max_steps=100) == pytest.approx(expected)
+    assert lr_at(step, PEAK, sched, max_steps=MAX_STEPS) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("step", "last", "every", "expected"), [(50, False, 50, True), (51, False, 50, False),
-                                                                 (51, True, 50, True)])
+@pytest.mark.parametrize("sched", [CONSTANT, STEP, LINEAR, COSINE], ids=lambda s: s.name)
+def test_lr_rises_during_warmup_then_never_rises(sched: ScheduleConfig) -> None:
+    lrs = [lr_at(s, PEAK, sched, MAX_STEPS) for s in range(MAX_STEPS)]
+    w = sched.warmup_steps
+    assert all(a < b for a, b in zip(lrs[:w], lrs[1:w], strict=False))
+    assert all(a >= b for a, b in zip(lrs[w:], lrs[w + 1 :], strict=False))
+    assert max(lrs) == pytest.approx(PEAK) and min(lrs) > 0
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("step", "last", "every", "expected"),
+                         [(50, False, 50, True), (100, False, 50, True), (51, False, 50, False),
+                          (49, False, 50, False), (51, True, 50, True), (1, False, 1, True), (7, True, 1000, True)])
 def test_should_save(step: int, last: bool, every: int, expected: bool) -> None:
     assert ck.should_save(step, last, every) is expected
 
 
-def _manager(directory: Path, keep: int = 2, async_save: bool = False) -> ck.CheckpointManager:
-    return ck.CheckpointManager(directory, SingleProcessComm(DistEnv()), every=1, keep=keep, meta={"world_size": 1},
-                                async_save=async_save)
+def _manager(directory: Path, keep: int = 2, async_save: bool = False, every: int = 1) -> ck.CheckpointManager:
+    return ck.CheckpointManager(directory, SingleProcessComm(DistEnv()), every=every, keep=keep,
+                                meta={"world_size": 1}, async_save=async_save)
+
+
+def _state(value: float) -> dict:
+    return {ck.MODEL: {"w": torch.full((3,), value), "b": torch.arange(4)},
+            ck.TRAIN_STATE: {"step": int(value), "epoch": 0, "epoch_pos": 64}}
 
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_checkpoint_round_trip_keep_k_and_fallback(tmp_path: Path, async_save: bool) -> None:
     m = _manager(tmp_path, keep=2, async_save=async_save)
     for step in (1, 2, 3):
-        m.save(step, last_step=False, state=lambda s=step: {"model": {"w": torch.full((3,), float(s))}})
+        m.save(step, last_step=False, state=lambda s=step: _state(float(s)))
     m.wait()
-    assert ck.list_steps(tmp_path) == [3, 2]  # keep the newest 2
+    assert ck.list_steps(tmp_path) == [3, 2]  # keep the newest 2: step 1 purged, .pt and manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002.json", "step-00000002.pt",
+                                                          "step-00000003.json", "step-00000003.pt"]
     assert ck.verify(tmp_path, 3) is None and ck.verify(tmp_path, 2) is None
-    assert not list(tmp_path.glob("*.tmp"))
-    assert torch.equal(m.load()["model"]["w"], torch.full((3,), 3.0))
+    loaded = m.load()
+    assert torch.equal(loaded[ck.MODEL]["w"], torch.full((3,), 3.0))
+    assert torch.equal(loaded[ck.MODEL]["b"], torch.arange(4))
+    assert loaded[ck.TRAIN_STATE] == {"step": 3, "epoch": 0, "epoch_pos": 64}
+    assert loaded[ck.META]["step"] == 3 and loaded[ck.META]["world_size"] == 1
+    manifest = json.loads(ck.ckpt_path(tmp_path, 3).with_suffix(".json").read_text())
+    assert manifest["size"] == ck.ckpt_path(tmp_path, 3).stat().st_size and len(manifest["sha256"]) == 64
+
     newest = ck.ckpt_path(tmp_path, 3)
-    newest.write_bytes(newest.read_bytes()[:-10])  # truncate
+    newest.write_bytes(newest.read_bytes()[:-10])  # truncate the newest
     warnings: list[str] = []
     assert ck.latest_valid(tmp_path, warnings.append) == 2
-    assert "step-00000003.pt is unusable (size differs" in warnings[0]
-    assert torch.equal(m.load()["model"]["w"], torch.full((3,), 2.0))
+    assert len(warnings) == 1 and "step-00000003.pt is unusable (size differs" in warnings[0]
+    assert torch.equal(m.load()[ck.MODEL]["w"], torch.full((3,), 2.0))
+    with pytest.raises(ck.CheckpointError, match="step 3"):
+        m.load(step=3)  # an explicit step that is damaged is an error, not a silent fallback
+
+
+def test_checkpoint_fallback_warns_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = _manager(tmp_path, keep=3)
+    for step in (1, 2):
+        m.save(step, last_step=False, state=lambda s=step: _state(float(s)))
+    newest = ck.ckpt_path(tmp_path, 2)
+    newest.write_bytes(b"x" * newest.stat().st_size)  # same size, wrong bytes
+    assert m.load()[ck.TRAIN_STATE]["step"] == 1
+    err = capsys.readouterr().err
+    assert "WARNING:" in err and "step-00000002.pt is unusable (sha256 differs" in err
+
+
+def test_checkpoint_only_when_due(tmp_path: Path) -> None:
+    m = _manager(tmp_path, keep=10, every=20)
+    for step in range(1, 51):
+        m.save(step, last_step=step == 50, state=lambda s=step: _state(float(s)))
+    assert ck.list_steps(tmp_path) == [50, 40, 20]
 
 
 def test_checkpoint_without_manifest_does_not_count(tmp_path: Path) -> None:
@@ -110,6 +186,10 @@ def test_checkpoint_without_manifest_does_not_count(tmp_path: Path) -> None:
     m.save(1, last_step=True, state=lambda: {"x": 1})
     ck.ckpt_path(tmp_path, 2).write_bytes(b"half a save")  # a crash before the manifest
     assert ck.latest_valid(tmp_path, lambda _: None) == 1
+
+
+def test_no_checkpoint_loads_none(tmp_path: Path) -> None:
+    assert _manager(tmp_path / "absent").load() is None
 
 
 def test_checkpoint_loads_are_weights_only(tmp_path: Path) -> None:
@@ -123,30 +203,100 @@ def test_checkpoint_loads_are_weights_only(tmp_path: Path) -> None:
         m.load()
 
 
-def test_compose_default_config() -> None:
-    cfg = compose_config([])
-    assert (cfg.model.name, cfg.data.name, cfg.optimizer.name, cfg.schedule.name) == ("mlp", "digits", "adam",
-                                                                                      "constant")
-    cfg = compose_config(["optimizer=sgd", "optimizer.lr=0.05", "trainer.max_steps=300", "schedule=cosine"])
-    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.trainer.max_steps) == ("sgd", 0.05,
-                                                                                                     0.9, 300)
+# -- the resumable sampler ------------------------------------------------------------------------
+N, SEED, EPOCH = 103, 5, 2  # 103: not a multiple of any world size, so drop_last has something to drop
+
+
+def _shuffled() -> list[int]:
+    """The epoch's order as DistributedSampler defines it: randperm seeded with seed + epoch."""
+    return torch.randperm(N, generator=torch.Generator().manual_seed(SEED + EPOCH)).tolist()
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("start", [0, 8, 40, 96, 6], ids=lambda s: f"start{s}")
+def test_sampler_ranks_cover_the_shuffled_order_from_the_offset(world: int, start: int) -> None:
+    per_rank = []
+    for rank in range(world):
+        s = ResumableSampler(list(range(N)), world, rank, SEED)
+        s.set_epoch(EPOCH, start=start)
+        per_rank.append(list(s))
+        assert len(per_rank[-1]) == len(s)
+    assert len({len(r) for r in per_rank}) == 1  # equal shares: no rank waits on a missing step
+    # rank r takes every world-th sample, so interleaving the ranks gives back the global order
+    union = [i for group in zip(*per_rank, strict=True) for i in group]
+    assert len(union) == len(set(union))  # no duplicates
+    order = _shuffled()
+    assert union == order[start : start + len(union)]  # nothing skipped, in the shuffled order
+    dropped = N - start - len(union)
+    # drop_last: only a remainder is left out (< world; < 2 * world when resuming from another world
+    # size's offset, which need not be a multiple of this one)
+    assert 0 <= dropped < (world if start % world == 0 else 2 * world)
+
+
+def test_sampler_epochs_reshuffle_deterministically() -> None:
+    def order(epoch: int) -> list[int]:
+        s = ResumableSampler(list(range(N)), 1, 0, SEED)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(0) == order(0) and order(0) != order(1)
+    assert sorted(order(3)) == list(range(N))
+
+
+# -- config composition ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], {"model.name": "mlp", "data.name": "digits", "optimizer.name": "adam", "schedule.name": "constant",
+              "trainer.max_steps": 500, "model.hidden": 128}),
+        (["optimizer=sgd", "optimizer.lr=0.05", "trainer.max_steps=300"],
+         {"optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.momentum": 0.9, "trainer.max_steps": 300}),
+        (["schedule=cosine", "schedule.warmup_steps=5"], {"schedule.name": "cosine", "schedule.warmup_steps": 5}),
+        (["trainer.log_every=1", "trainer.eval_every=100000", "trainer.checkpoint_every=20"],
+         {"trainer.log_every": 1, "trainer.eval_every": 100000, "trainer.checkpoint_every": 20}),
+        (["data=synthetic", "data.num_samples=256"], {"data.name": "synthetic", "data.num_samples": 256}),
+        (["optimizer=adamw", "optimizer.betas=[0.9,0.95]"], {"optimizer.betas": [0.9, 0.95]}),
+        (["model=gpt", "data=synthetic_tokens", "seed=3"], {"model.name": "gpt", "seed": 3}),
+    ],
+)
+def test_compose_good_overrides(overrides: list[str], expected: dict) -> None:
+    cfg = compose_config(overrides)
+    assert isinstance(cfg, schema.Config)  # typed dataclasses from here on, no DictConfig
+    for key, value in expected.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert obj == value, key
+
+
+def test_resolved_yaml_round_trips_to_the_same_config(tmp_path: Path) -> None:
+    """What the launcher writes to RUN_DIR/config.yaml is what every worker loads."""
+    cfg = compose_config(["optimizer=sgd", "schedule=linear", "trainer.max_steps=7"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert schema.load(tmp_path / "config.yaml") == cfg
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.foo=1", "trainer.foo"),
-        ("trainer.max_steps=abc", "abc"),
-        ("optimizer=nope", "nope"),
-        ("trainer.max_steps=0", "trainer.max_steps=0 is invalid"),
+        ("trainer.foo=1", "trainer.foo"),  # unknown key
         ("+trainer.foo=1", "foo"),
+        ("nope=1", "nope"),
+        ("trainer.max_steps=abc", "abc"),  # bad type
+        ("optimizer.lr=fast", "fast"),
+        ("optimizer=nope", "nope"),  # bad group choice
+        ("trainer.max_steps=0", "trainer.max_steps=0 is invalid"),  # invalid value
+        ("optimizer.lr=-1", "optimizer.lr=-1.0 is invalid"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is invalid"),
         ("optimizer.nesterov=true", "optimizer.nesterov"),  # adam has no momentum
+        ("data=tokens", "data.path"),  # a required value left missing
     ],
 )
 def test_bad_overrides_are_usage_errors(override: str, message: str) -> None:
     with pytest.raises(UsageError) as e:
         compose_config([override])
     assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith("bad config override")
 
 
 def test_config_key_set_snapshot() -> None:
@@ -173,6 +323,7 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# -- pre-flight -----------------------------------------------------------------------------------
 def test_preflight_finds_disagreeing_nodes() -> None:
     from workers.preflight import problems, table
 

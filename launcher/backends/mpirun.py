@@ -23,10 +23,17 @@ class MpirunBackend:
             argv.append("--allow-run-as-root")
         if plan.flags.get("oversubscribe"):
             argv.append("--oversubscribe")
-        for key, value in plan.env.items():
+        env = dict(plan.env)
+        if plan.hosts:
+            # other hosts get the launcher's NCCL_*/GLOO_*/… too, and rank 0's address as others reach it
+            env = {**plan.forwarded_env, **env, "MASTER_ADDR": plan.master_addr}
+            argv += ["--mca", "plm_rsh_args", " ".join(  # how mpirun's ssh reaches the hosts, as ours does
+                ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={plan.ssh_timeout}"]
+                + (["-F", str(plan.ssh_config)] if plan.ssh_config else []))]
+        for key, value in env.items():
             argv += ["-x", f"{key}={value}"]
         argv += [plan.python, "-m", "workers.mpi_env", *plan.program]
-        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="mpirun", rank_marker=plan.rank_marker)]
+        return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker)]
 
     def check_available(self) -> str | None:
         if shutil.which("mpirun") is None:

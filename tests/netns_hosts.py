@@ -1,0 +1,120 @@
+"""Two "hosts" on one machine: network namespaces joined by a veth pair, each with its own sshd.
+
+Both namespaces see the same filesystem (like a shared home directory), so the launcher, the run
+directory and the interpreter are at the same paths on both. Host and client keys are throw-away,
+made in a temp directory; a generated ssh config reaches both hosts as root without prompts.
+Everything is torn down by PID: every process left in a namespace is killed before it is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SUBNET = "10.231.{}.{}"
+IFNAME = "lnch0"  # the veth end's name inside each namespace (the same in both: GLOO_SOCKET_IFNAME)
+SSHD = "/usr/sbin/sshd"
+
+
+@dataclass
+class Hosts:
+    namespaces: list[str]
+    addrs: list[str]
+    ssh_config: Path
+    dir: Path
+
+    def exec_argv(self, i: int, argv: list[str]) -> list[str]:
+        """``argv`` run inside host ``i``'s namespace."""
+        return ["ip", "netns", "exec", self.namespaces[i], *argv]
+
+    def pids(self, i: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.namespaces[i]], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+def why_not() -> str | None:
+    """None when this machine can make the hosts; else the reason (tests skip with it)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "ssh", "ssh-keygen", SSHD):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (apt-get install iproute2 openssh-server openssh-client)"
+    probe = f"lnchprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def _wait_for_ssh(hosts: Hosts, i: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = subprocess.run(hosts.exec_argv(0, ["ssh", "-F", str(hosts.ssh_config), "-o", "BatchMode=yes",
+                                                   "-o", "ConnectTimeout=2", hosts.addrs[i], "true"]),
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if probe.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sshd on {hosts.addrs[i]} never answered: {probe.stderr.strip()}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def two_hosts(workdir: Path, subnet: int = 0) -> Iterator[Hosts]:
+    tag = f"lnch{os.getpid() % 100000}{subnet}"
+    hosts = Hosts(namespaces=[f"{tag}a", f"{tag}b"], addrs=[SUBNET.format(subnet, 1), SUBNET.format(subnet, 2)],
+                  ssh_config=workdir / "ssh_config", dir=workdir)
+    sshds: list[subprocess.Popen] = []
+    try:
+        for ns in hosts.namespaces:
+            _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y")
+        for ns, end, addr in zip(hosts.namespaces, (f"{tag}x", f"{tag}y"), hosts.addrs, strict=True):
+            _run("ip", "link", "set", end, "netns", ns)
+            _run("ip", "-n", ns, "link", "set", end, "name", IFNAME)
+            _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", IFNAME)
+            _run("ip", "-n", ns, "link", "set", IFNAME, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "host_key"))
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "client_key"))
+        shutil.copy(workdir / "client_key.pub", workdir / "authorized_keys")
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        hosts.ssh_config.write_text(
+            f"Host {SUBNET.format(subnet, '*')}\n  User root\n  IdentityFile {workdir / 'client_key'}\n"
+            "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        for i, (ns, addr) in enumerate(zip(hosts.namespaces, hosts.addrs, strict=True)):
+            conf = workdir / f"sshd_config_{i}"
+            conf.write_text(
+                f"ListenAddress {addr}\nHostKey {workdir / 'host_key'}\nPidFile {workdir}/sshd_{i}.pid\n"
+                f"AuthorizedKeysFile {workdir / 'authorized_keys'}\nStrictModes no\nPermitRootLogin yes\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPrintMotd no\n"
+                "MaxStartups 100\nMaxSessions 100\nLogLevel ERROR\n")
+            sshds.append(subprocess.Popen(["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", str(conf)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for i in range(2):
+            _wait_for_ssh(hosts, i)
+        yield hosts
+    finally:
+        for proc in sshds:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        for i, ns in enumerate(hosts.namespaces):
+            with contextlib.suppress(Exception):
+                for pid in hosts.pids(i):  # whatever a test left running in this "host"
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for proc in sshds:
+            proc.wait()
