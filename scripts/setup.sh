@@ -25,7 +25,8 @@ fi
 if [ "${1:-}" = "--test" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     need=()
-    for pkg in libopenmpi-dev openmpi-bin cmake g++; do
+    # OpenMPI + a compiler for horovod and mpi4py; sshd and iproute2 for the two-host (netns) tests
+    for pkg in libopenmpi-dev openmpi-bin cmake g++ openssh-server openssh-client iproute2; do
       dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then

@@ -30,9 +30,15 @@ class Hosts:
     ssh_config: Path
     dir: Path
 
+    @property
+    def hostnames(self) -> list[str]:
+        return [f"{ns}-host" for ns in self.namespaces]
+
     def exec_argv(self, i: int, argv: list[str]) -> list[str]:
-        """``argv`` run inside host ``i``'s namespace."""
-        return ["ip", "netns", "exec", self.namespaces[i], *argv]
+        """``argv`` run inside host ``i``: its network namespace and a UTS namespace with its own hostname
+        (OpenMPI tells nodes apart by hostname; two "hosts" named alike crash its shared-memory split)."""
+        return ["ip", "netns", "exec", self.namespaces[i], "unshare", "--uts", "sh", "-c",
+                'hostname "$0" && exec "$@"', self.hostnames[i], *argv]
 
     def pids(self, i: int) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.namespaces[i]], capture_output=True, text=True).stdout
@@ -94,14 +100,14 @@ def two_hosts(workdir: Path, subnet: int = 0) -> Iterator[Hosts]:
         hosts.ssh_config.write_text(
             f"Host {SUBNET.format(subnet, '*')}\n  User root\n  IdentityFile {workdir / 'client_key'}\n"
             "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
-        for i, (ns, addr) in enumerate(zip(hosts.namespaces, hosts.addrs, strict=True)):
+        for i, addr in enumerate(hosts.addrs):
             conf = workdir / f"sshd_config_{i}"
             conf.write_text(
                 f"ListenAddress {addr}\nHostKey {workdir / 'host_key'}\nPidFile {workdir}/sshd_{i}.pid\n"
                 f"AuthorizedKeysFile {workdir / 'authorized_keys'}\nStrictModes no\nPermitRootLogin yes\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPrintMotd no\n"
                 "MaxStartups 100\nMaxSessions 100\nLogLevel ERROR\n")
-            sshds.append(subprocess.Popen(["ip", "netns", "exec", ns, SSHD, "-D", "-e", "-f", str(conf)],
+            sshds.append(subprocess.Popen(hosts.exec_argv(i, [SSHD, "-D", "-e", "-f", str(conf)]),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for i in range(2):
             _wait_for_ssh(hosts, i)

@@ -1,0 +1,141 @@
+"""Two nodes for real: network namespaces with their own sshd (tests/netns_hosts.py), real torchrun/mpirun.
+
+World size 4 = 2 "hosts" x 2 CPU ranks, compared with the same job as 4 ranks on one node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, finish, leftover_processes, scalars
+from netns_hosts import IFNAME, Hosts, two_hosts, why_not
+
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+
+SHORT = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
+ENV = {"GLOO_SOCKET_IFNAME": IFNAME}  # gloo's device: the veth end, not the hostname's (unroutable) address
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    reason = why_not()
+    if reason:
+        pytest.skip(f"cannot make two network-namespace hosts here: {reason}")
+    with two_hosts(tmp_path_factory.mktemp("hosts")) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def one_node_losses(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
+    run_dir = tmp_path_factory.mktemp("one_node")
+    code, out, err = finish(start_on(None, run_dir, "--gpus", "4", *SHORT))
+    assert code == 0, out[-2000:] + err[-2000:]
+    return scalars(run_dir, "train/loss")
+
+
+def start_on(hosts: Hosts | None, run_dir: Path, *args: str, node: int = 0) -> subprocess.Popen:
+    """``python -m launcher ARGS`` on host ``node`` (or plainly, without hosts)."""
+    argv = [sys.executable, "-m", "launcher", "--run-dir", str(run_dir), *args]
+    return subprocess.Popen(hosts.exec_argv(node, argv) if hosts else argv, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(ENV if hosts else {})})
+
+
+def hostfile(hosts: Hosts, path: Path, addrs: list[str] | None = None) -> Path:
+    path.write_text("".join(f"{addr} slots=2\n" for addr in addrs or hosts.addrs))
+    return path
+
+
+def assert_same_losses(run_dir: Path, expected: list[tuple[int, float]]) -> None:
+    got = scalars(run_dir, "train/loss")
+    assert [s for s, _ in got] == [s for s, _ in expected] and len(got) == 30
+    # the same gradients, summed in another order across the two "hosts"
+    torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in expected]),
+                               rtol=1e-4, atol=0)
+
+
+def test_per_node_mode_one_launcher_per_host(hosts: Hosts, tmp_path: Path, one_node_losses: list) -> None:
+    run_dir = tmp_path / "run"
+    shape = ["--nodes", "2", "--gpus", "2", "--master-addr", hosts.addrs[0], "--master-port", "29611"]
+    procs = [start_on(hosts, run_dir, *shape, "--node-rank", str(i), *SHORT, node=i) for i in (1, 0)]
+    for proc in procs:
+        code, out, err = finish(proc)
+        assert code == 0, out[-2000:] + err[-2000:]
+    assert_same_losses(run_dir, one_node_losses)
+
+
+def test_ssh_fan_out_from_one_host(hosts: Hosts, tmp_path: Path, one_node_losses: list) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
+                    "--ssh-config", str(hosts.ssh_config), "--master-port", "29612", *SHORT)
+    code, out, err = finish(proc)
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert f"[{hosts.addrs[1]}] [rank" in out  # each node's rank-prefixed output, streamed back
+    assert_same_losses(run_dir, one_node_losses)
+
+
+def test_mpi_backend_across_hosts(hosts: Hosts, tmp_path: Path, one_node_losses: list) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_on(hosts, run_dir, "--backend", "mpi", "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
+                    "--ssh-config", str(hosts.ssh_config), *SHORT)
+    code, out, err = finish(proc)
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert hosts.hostnames[0] in out and hosts.hostnames[1] in out  # rank 0's topology table: both hosts
+    assert_same_losses(run_dir, one_node_losses)
+
+
+def rank_processes(hosts: Hosts, node: int, run_dir: Path) -> dict[int, int]:
+    """{global rank: pid} of the training processes running on host ``node``."""
+    ranks = {}
+    for pid in hosts.pids(node):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in raw if b"=" in e)
+        except OSError:
+            continue
+        if b"workers.train" in argv and b"torch.distributed.run" not in argv and b"launcher.node" not in argv \
+                and str(run_dir).encode() in argv and b"RANK" in environ:
+            ranks[int(environ[b"RANK"])] = pid
+    return ranks
+
+
+def test_killed_remote_rank_stops_every_node(hosts: Hosts, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
+                    "--ssh-config", str(hosts.ssh_config), "--master-port", "29613",
+                    "trainer.max_steps=100000", "trainer.checkpoint_every=20")
+    deadline = time.monotonic() + 120
+    while not list((run_dir / "checkpoints").glob("step-*.pt")):  # training is under way on both hosts
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+        time.sleep(0.2)
+    remote = rank_processes(hosts, 1, run_dir)
+    assert len(remote) == 2 and len(rank_processes(hosts, 0, run_dir)) == 2
+    victim = max(remote)
+    os.kill(remote[victim], signal.SIGKILL)
+    code, out, err = finish(proc, timeout=120)
+    assert code != 0
+    assert f"launcher: rank {victim} on {hosts.addrs[1]} failed (killed by signal SIGKILL)" in err, err[-3000:]
+    assert leftover_processes(run_dir) == []  # no rank, torchrun or node agent on either host
+    assert rank_processes(hosts, 0, run_dir) == {} and rank_processes(hosts, 1, run_dir) == {}
+
+
+def test_unreachable_host_exits_2_before_starting_anything(hosts: Hosts, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    dead = hosts.addrs[1].rsplit(".", 1)[0] + ".77"  # in the subnet, but nobody answers there
+    started = time.monotonic()
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts", [hosts.addrs[0], dead])),
+                    "--ssh-config", str(hosts.ssh_config), "--ssh-timeout", "3", *SHORT)
+    code, out, err = finish(proc, timeout=60)
+    assert code == 2, out + err
+    assert err.count("\n") == 1 and f"host {dead} is unreachable over ssh" in err and "HINT" in err, err
+    assert time.monotonic() - started < 30  # the connect timeout, plus interpreter starts
+    assert out == "" and not run_dir.exists()
+    assert leftover_processes(run_dir) == []
