@@ -44,8 +44,9 @@ def one_node_losses(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int,
 def start_on(hosts: Hosts | None, run_dir: Path, *args: str, node: int = 0) -> subprocess.Popen:
     """``python -m launcher ARGS`` on host ``node`` (or plainly, without hosts)."""
     argv = [sys.executable, "-m", "launcher", "--run-dir", str(run_dir), *args]
+    env = {**os.environ, **(ENV if hosts else {})}
     return subprocess.Popen(hosts.exec_argv(node, argv) if hosts else argv, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(ENV if hosts else {})})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def hostfile(hosts: Hosts, path: Path, addrs: list[str] | None = None) -> Path:
