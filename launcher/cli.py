@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from launcher import __doc__ as MANUAL
-from launcher import slurm_env
+from launcher import slurm_env, slurm_submit
 from launcher.backends import backend_names, get_backend
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--timeline", default=None, help="write a Horovod timeline to this file")
     h.add_argument("--fusion-threshold-mb", type=int, default=None, help="Horovod tensor fusion buffer")
     h.add_argument("--cycle-time-ms", type=float, default=None, help="Horovod cycle time")
+    sl = p.add_argument_group("Slurm submission (--slurm renders slurm/*.sbatch into the run directory, submits it)")
+    sl.add_argument("--slurm", action="store_true", help="submit this job with sbatch instead of running it here")
+    sl.add_argument("--wait", action="store_true", help="with --slurm: wait for the job; exit with its code")
+    for flag, what in (("--partition", "partition"), ("--time", "time limit, [D-]HH:MM:SS"),
+                       ("--account", "account"), ("--qos", "quality of service"), ("--constraint", "node features")):
+        sl.add_argument(flag, default=None, help=f"sbatch {flag}: {what}")
+    sl.add_argument("--cpus-per-task", type=int, default=None, help="sbatch --cpus-per-task (one task per node)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="one more #SBATCH option, e.g. --sbatch=--mem=64G (repeatable)")
+    sl.add_argument("--setup", action="append", default=[], metavar="LINE",
+                    help="a shell line run before training, e.g. --setup 'module load cuda' (repeatable)")
+    sl.add_argument("--usr1-before", type=int, default=120, metavar="S",
+                    help="Slurm sends USR1 this many seconds before the time limit: checkpoint + requeue")
     r = p.add_argument_group("run directory")
     r.add_argument("--run-dir", type=Path, default=None, help="default: RUNS_ROOT/NAME or RUNS_ROOT/<timestamp>")
     r.add_argument("--name", default=None, help="run name; rerunning a name resumes it")
@@ -110,11 +123,15 @@ def cuda_device_count() -> int:
 def options_from_args(args: argparse.Namespace, program: list[str],
                       env: Mapping[str, str] | None = None) -> LaunchOptions:
     alloc = slurm_env.allocation(env or {})
-    if alloc is not None:  # inside sbatch/salloc: the job shape comes from Slurm, flags must agree
+    hosts = args.hosts.split(",") if args.hosts else []
+    if alloc is not None and args.backend != "torchrun" and not hosts and args.hostfile is None:
+        # mpirun/horovodrun run once, on the first node, and start ranks on every node of the job
+        slurm_env.check_flags(alloc, args.nodes, None, None)
+        hosts, args.master_addr = list(alloc.hosts), args.master_addr or alloc.master_addr
+    elif alloc is not None:  # inside sbatch/salloc: the job shape comes from Slurm, flags must agree
         slurm_env.check_flags(alloc, args.nodes, args.node_rank, args.master_addr)
         args.nodes, args.node_rank, args.master_addr = alloc.nodes, alloc.node_rank, alloc.master_addr
         args.master_port = args.master_port or alloc.master_port
-    hosts = args.hosts.split(",") if args.hosts else []
     if args.hostfile is not None:
         hosts += parse_hostfile(args.hostfile)
     if args.run_dir is not None:
@@ -191,6 +208,10 @@ def run(argv: list[str]) -> int:
     if program and program[0] != "-m" and not Path(program[0]).is_file():
         raise UsageError(f"script {program[0]} not found (working directory: {Path.cwd()})")
     cfg = None if program else compose_config(args.overrides, args.config_dir)
+    if args.slurm:
+        return slurm_job(args, program)
+    if args.wait:
+        raise UsageError("--wait only applies to --slurm")
     opts = options_from_args(args, program, os.environ)
     plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
                        cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ,
@@ -201,8 +222,12 @@ def run(argv: list[str]) -> int:
     problem = get_backend(plan.backend).check_available()
     if problem:
         raise UsageError(problem)
+    alloc = slurm_env.allocation(os.environ)
+    if alloc is not None:
+        print(f"launcher: Slurm job {alloc.job_id}, restart count {alloc.restart_count}, node {alloc.node_rank} of "
+              f"{alloc.nodes}", flush=True)
     remote_hosts = [h for h, _ in plan.hosts if h not in ("localhost", "127.0.0.1")]
-    if remote_hosts:  # before anything starts: every host answers over ssh
+    if remote_hosts and alloc is None:  # before anything starts: every host answers over ssh (Slurm: srun)
         check_hosts(remote_hosts, config=plan.ssh_config, timeout=plan.ssh_timeout, workdir=plan.workdir,
                     python=plan.python)
     prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=args.no_resume)
@@ -220,6 +245,34 @@ def run(argv: list[str]) -> int:
         if attempt < restarts:
             print(f"launcher: restarting all ranks ({attempt + 1}/{restarts}); they resume from the newest "
                   "checkpoint", file=sys.stderr, flush=True)
+    return code
+
+
+def slurm_job(args: argparse.Namespace, program: list[str]) -> int:
+    """Render the matching slurm/ template for these arguments and submit it (or print it: --dry-run)."""
+    run_dir = (args.run_dir or args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))).resolve()
+    forwarded = [*args.overrides, *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else []),
+                 *(["--config-dir", str(args.config_dir)] if args.config_dir != DEFAULT_CONFIG_DIR else []),
+                 *(["--controller", args.controller] if args.backend == "horovod" else []),
+                 *(["--", *program] if program else [])]
+    opts = slurm_submit.SlurmOptions(
+        nodes=args.nodes or 1, gpus_per_node=args.gpus or 1,
+        request_gpus=slurm_submit.cluster_has_gpus(args.partition), job_name=args.name or "launcher",
+        partition=args.partition, time=args.time, account=args.account, qos=args.qos, constraint=args.constraint,
+        cpus_per_task=args.cpus_per_task, signal_s=args.usr1_before, extra_sbatch=tuple(args.sbatch),
+        setup=tuple(args.setup), run_dir=run_dir, python=sys.executable, args=tuple(forwarded), backend=args.backend)
+    script = slurm_submit.render(slurm_submit.template_for(args.backend).read_text(), opts)
+    if args.dry_run:
+        print(f"launcher: dry run, nothing submitted; the sbatch script:\n{script}", end="")
+        return 0
+    if not opts.request_gpus:
+        print(f"launcher: the cluster has no GPU GRES: asking for CPUs only, {opts.gpus_per_node} CPU rank(s) per "
+              "node on gloo")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "job.sbatch"
+    path.write_text(script)
+    path.chmod(0o755)
+    _, code = slurm_submit.submit(path, wait=args.wait)
     return code
 
 

@@ -39,6 +39,8 @@ class Allocation:
     node_rank: int
     master_addr: str
     master_port: int
+    hosts: tuple[str, ...] = ()
+    restart_count: int = 0  # SLURM_RESTART_COUNT: how often the job was requeued
 
 
 def allocation(env: Mapping[str, str]) -> Allocation | None:
@@ -51,7 +53,10 @@ def allocation(env: Mapping[str, str]) -> Allocation | None:
         raise UsageError("SLURM_JOB_ID is set but SLURM_JOB_NODELIST is empty. HINT: run the launcher under srun")
     nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", len(hosts))))
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else 15000 + int(re.sub(r"\D", "", job_id)[-4:] or 0)
-    return Allocation(job_id, nodes, int(env.get("SLURM_NODEID", "0")), hosts[0], port)
+    # MASTER_ADDR when set (slurm/*.sbatch export the first node's NodeAddr), else the first host's name
+    master = env.get("MASTER_ADDR") or hosts[0]
+    return Allocation(job_id, nodes, int(env.get("SLURM_NODEID", "0")), master, port, tuple(hosts),
+                      int(env.get("SLURM_RESTART_COUNT", "0") or 0))
 
 
 def check_flags(alloc: Allocation, nodes: int | None, node_rank: int | None, master_addr: str | None) -> None:

@@ -37,8 +37,12 @@ JOB = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_N
 
 def test_allocation_from_env() -> None:
     assert allocation({}) is None
-    assert allocation(JOB) == Allocation("123456", 2, 1, "node1", 18456)  # port: 15000 + last 4 digits of the id
+    # port: 15000 + the id's last 4 digits; master: the first host, unless MASTER_ADDR says (the sbatch
+    # templates export the first node's NodeAddr)
+    assert allocation(JOB) == Allocation("123456", 2, 1, "node1", 18456, ("node1", "node2"))
     assert allocation({**JOB, "MASTER_PORT": "29400"}).master_port == 29400
+    assert allocation({**JOB, "MASTER_ADDR": "10.0.0.7"}).master_addr == "10.0.0.7"
+    assert allocation({**JOB, "SLURM_RESTART_COUNT": "2"}).restart_count == 2
 
 
 def test_flags_must_agree_with_the_allocation() -> None:
