@@ -59,11 +59,11 @@ def test_arguments_with_shell_metacharacters_arrive_as_they_were(tmp_path: Path)
     """Quoted, not executed: the job block run by bash yields exactly the original words."""
     hostile = ("data.path=/tmp/a b", "x=$(touch pwned)", "y=`id`;rm -rf ~", "z='quoted'\"double\"")
     text = render(template_for("torchrun").read_text(),
-                  replace(BASE, run_dir=tmp_path / "run;touch pwned", args=hostile))
+                  replace(BASE, run_dir=tmp_path / "run;touch&pwned$x", args=hostile))
     job = text.split("# ---- launcher:job")[1].split("\n", 1)[1].split("# ---- end launcher:job ----")[0]
     out = subprocess.run(["bash", "-c", job + 'printf "%s\\n" "$RUN_DIR" "$@"'], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout
-    assert out.splitlines() == [str(tmp_path / "run;touch pwned"), *hostile]
+    assert out.splitlines() == [str(tmp_path / "run;touch&pwned$x"), *hostile]
     assert not (tmp_path / "pwned").exists()
 
 
