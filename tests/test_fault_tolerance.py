@@ -10,40 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_bitwise_equal, finish, newest_weights, run_processes, start
+from conftest import assert_bitwise_equal, finish, newest_weights, rank_pids, run_processes, start, wait_for
 
 from workers.data import ResumableSampler
 
 QUIET = ["trainer.log_every=50", "trainer.eval_every=100000"]
-
-
-def wait_for(predicate, timeout: float = 120) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """{local rank: pid} of this run's live worker processes (read from /proc)."""
-    pids = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"workers.train" in cmdline and str(run_dir).encode() in cmdline:
-            env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
-            # torchrun sets LOCAL_RANK before exec; under mpirun/horovodrun only their own variables are in
-            # the initial environment
-            local = next((env[k] for k in (b"LOCAL_RANK", b"OMPI_COMM_WORLD_LOCAL_RANK", b"HOROVOD_LOCAL_RANK")
-                          if k in env), None)
-            if local is not None:
-                pids[int(local)] = int(proc.name)
-    return pids
 
 
 def start_training(run_dir: Path, *args: str) -> subprocess.Popen:

@@ -306,7 +306,9 @@ def test_config_key_set_snapshot() -> None:
         "data.batch_size", "data.context", "data.name", "data.num_classes", "data.num_features", "data.num_samples",
         "data.path", "data.split_seed", "data.test_fraction", "data.vocab_size", "ddp.bucket_cap_mb",
         "ddp.gradient_as_bucket_view", "ddp.static_graph", "mode", "model.heads", "model.hidden", "model.layers",
-        "model.name", "model.width", "optimizer.betas",
+        "model.name", "model.width", "online.batch_size", "online.checkpoint_every_s", "online.format",
+        "online.idle_timeout_s", "online.path", "online.poll_s", "online.records", "online.source", "online.window",
+        "optimizer.betas",
         "optimizer.lr", "optimizer.momentum", "optimizer.name", "optimizer.nesterov",
         "optimizer.scale_lr_with_world_size", "optimizer.weight_decay", "schedule.gamma", "schedule.min_lr",
         "schedule.name", "schedule.step_size", "schedule.total_steps", "schedule.warmup_steps",
@@ -337,3 +339,42 @@ def test_preflight_finds_disagreeing_nodes() -> None:
     assert any("different torch versions: 2.12.0, 2.13.0" in f for f in found)
     assert any("fewer GPUs than the 2 ranks per node on: n1" in f for f in found)
     assert problems([{**r, "gpus": 0, "nccl": "-"} for r in good], 2, "cpu") == []
+
+
+# -- online streams ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("line", "fmt", "expected"),
+    [('{"x": [1, 2, 3], "y": 2}', "jsonl", ([1.0, 2.0, 3.0], 2)), ("[0.5, 0, 1, 1]", "jsonl", ([0.5, 0.0, 1.0], 1)),
+     ("0.5,0,1,0", "csv", ([0.5, 0.0, 1.0], 0))],
+)
+def test_stream_record_formats(line: str, fmt: str, expected: tuple) -> None:
+    from workers.stream import parse
+
+    assert parse(line, fmt, 3, 4) == expected
+
+
+@pytest.mark.parametrize(("line", "fmt", "why"), [
+    ("nope", "jsonl", "cannot parse"), ('{"x": [1, 2]}', "jsonl", "cannot parse"), ("[1, 2, 3, 4, 5]", "jsonl",
+                                                                                  "4 features, expected 3"),
+    ('{"x": [1, 2, 3], "y": 7}', "jsonl", "label 7 is not a class"), ("1,2,3,1.5", "csv", "label 1.5"),
+    ("1,a,3,1", "csv", "cannot parse")])
+def test_stream_bad_records(line: str, fmt: str, why: str) -> None:
+    from workers.stream import BadRecord, parse
+
+    with pytest.raises(BadRecord, match=why):
+        parse(line, fmt, 3, 4)
+
+
+def test_stream_resume_on_another_world_size_skips_what_was_trained() -> None:
+    from workers.stream import resume_point
+
+    # 2 ranks had trained records 0,2,4 (rank 0 next at 6) and 1,3 (rank 1 next at 5)
+    saved = [{"index": 6, "line": 7, "shard": "", "offset": 70}, {"index": 5, "line": 6, "shard": "", "offset": 60}]
+    start, skip = resume_point(saved, 2, 1)
+    assert (start.index, start.offset, skip(5)) == (5, 60, False)  # same world size: its own position
+    start, skip = resume_point(saved, 3, 0)  # 3 ranks now: all read from the earliest position ...
+    assert start.index == 5 and start.offset == 60
+    assert [i for i in range(5, 9) if skip(i)] == []  # ... and 5 (rank 1's next), 6, 7, 8 are all untrained
+    start, skip = resume_point([{"index": 9, "line": 9, "shard": "", "offset": 90},
+                                {"index": 4, "line": 4, "shard": "", "offset": 40}], 1, 0)
+    assert start.index == 4 and [i for i in range(4, 10) if not skip(i)] == [5, 7, 9]  # 4, 6, 8: old rank 0's

@@ -108,13 +108,40 @@ class TrainerConfig:
     threads: int = 0  # torch threads per rank; 0 = cores / local ranks
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
+        _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "an int >= 0")
+        for key in ("grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
                     "keep_checkpoints"):
             value = getattr(self, key)
             _check(value > 0, f"trainer.{key}", value, "a positive int")
         _check(self.precision in ("fp32", "bf16"), "trainer.precision", self.precision, "fp32 | bf16")
         _check(self.grad_clip >= 0, "trainer.grad_clip", self.grad_clip, "a float >= 0")
         _check(self.threads >= 0, "trainer.threads", self.threads, "an int >= 0")
+
+
+@dataclass
+class OnlineConfig:
+    """mode=online: learn from a stream of records as they arrive (workers/stream.py, workers/online.py)."""
+
+    source: str = "synthetic"  # file | shards | synthetic
+    path: str | None = None  # file: JSON lines or CSV being appended to; shards: a directory of files
+    format: str = "jsonl"  # jsonl ({"x": [...], "y": label} or [x..., label]) | csv (x...,label)
+    batch_size: int = 1  # records per rank per update: 1 = per-sample SGD, k = the last k records
+    poll_s: float = 0.2  # how often a quiet stream is checked for new records
+    idle_timeout_s: float = 30.0  # no new record for this long: checkpoint and end cleanly (0 = never)
+    checkpoint_every_s: float = 0.0  # also checkpoint on wall time (0 = steps only)
+    window: int = 1000  # records in the rolling prequential (test-then-train) accuracy
+    records: int = 0  # synthetic: how many records the stream has (0 = endless)
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("file", "shards", "synthetic"), "online.source", self.source,
+               "file | shards | synthetic")
+        _check(self.source == "synthetic" or bool(self.path), "online.path", self.path,
+               f"a path for online.source={self.source}")
+        _check(self.format in ("jsonl", "csv"), "online.format", self.format, "jsonl | csv")
+        _check(self.batch_size > 0, "online.batch_size", self.batch_size, "a positive int")
+        _check(self.poll_s > 0, "online.poll_s", self.poll_s, "a positive float")
+        _check(self.idle_timeout_s >= 0, "online.idle_timeout_s", self.idle_timeout_s, "a float >= 0")
+        _check(self.window > 0, "online.window", self.window, "a positive int")
 
 
 @dataclass
@@ -134,11 +161,15 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     seed: int = 0
-    mode: str = "batch"
+    mode: str = "batch"  # batch: epochs over a dataset | online: a stream, each record trained once
 
     def __post_init__(self) -> None:
-        _check(self.mode == "batch", "mode", self.mode, "'batch'")
+        _check(self.mode in ("batch", "online"), "mode", self.mode, "batch | online")
+        # online streams may never end: max_steps=0 means no limit there
+        _check(self.trainer.max_steps > 0 or self.mode == "online", "trainer.max_steps", self.trainer.max_steps,
+               "a positive int (0 = unlimited is for mode=online)")
 
 
 def from_container(container: Any) -> Config:

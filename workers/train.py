@@ -21,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from workers import config
 from workers.comm import build_comm
 from workers.dist_env import DistEnv
+from workers.online import OnlineTrainer
 from workers.trainer import Trainer
 
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(args.run_dir / "config.yaml")
     comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp)
     try:
-        Trainer(cfg, comm, args.run_dir).train()
+        trainer = OnlineTrainer if cfg.mode == "online" else Trainer
+        trainer(cfg, comm, args.run_dir).train()
     finally:
         comm.close()
     return 0
