@@ -84,25 +84,27 @@ class OnlineTrainer(Trainer):
         self.ckpt.save(self.step, last, self.state, force=True)
 
     def _train_batch(self, batch: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test, then train: (loss, correct predictions) of this rank's records, before the update."""
+        """Test, then train: (per-record losses, correct predictions) of this rank's records, before the update."""
         dev = self.comm.device
         x = torch.tensor([r.x for r in batch], dtype=torch.float32, device=dev)
         y = torch.tensor([r.y for r in batch], dtype=torch.long, device=dev)
         with self.autocast:
             logits = self.model(x).float()
-            loss = F.cross_entropy(logits, y)
-        loss.backward()
+            losses = F.cross_entropy(logits, y, reduction="none")
+        losses.mean().backward()
         self.comm.clip_and_step(self.optimizer, self.model, self.cfg.trainer.grad_clip, False)
         self.optimizer.zero_grad()
         self.step += 1
-        return loss.detach(), (logits.detach().argmax(1) == y)
+        return losses.detach(), (logits.detach().argmax(1) == y)
 
     def train(self) -> dict[str, float]:
         cfg, comm, t, o = self.cfg, self.comm, self.cfg.trainer, self.cfg.online
         self.prepare()
         reader = self._reader()
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
-        window: deque[float] = deque(maxlen=max(1, o.window // comm.world_size))  # this rank's last outcomes
+        # this rank's last outcomes and losses, for the rolling prequential metrics
+        window: deque[float] = deque(maxlen=max(1, o.window // comm.world_size))
+        window_loss: deque[float] = deque(maxlen=window.maxlen)
         seen = correct = 0.0  # this rank's, since the start of this run
         bar = tqdm(total=t.max_steps or None, initial=self.step, disable=not comm.is_main, desc="online",
                    file=_Lines(sys.stdout), mininterval=5.0, ascii=True, ncols=100)
@@ -124,8 +126,9 @@ class OnlineTrainer(Trainer):
             batch, after = reader.take()
             lr = lr_at(self.step, self.peak, cfg.schedule, t.max_steps or sys.maxsize)
             set_lr(self.optimizer, lr)
-            loss, hits = self._train_batch(batch)
+            losses, hits = self._train_batch(batch)
             self.committed = after
+            window_loss.extend(losses.tolist())
             self.records += len(batch) * comm.world_size
             window.extend(hits.float().tolist())
             seen, correct = seen + len(batch), correct + hits.sum().item()
@@ -135,11 +138,13 @@ class OnlineTrainer(Trainer):
             bar.update(1)
             metrics.log({"lr": lr}, self.step)
             if self.step % t.log_every == 0:
-                sums = comm.allreduce_mean(torch.tensor([loss.item(), sum(window), len(window), correct, seen,
-                                                         reader.bad], dtype=torch.float64, device=comm.device))
-                loss_avg, win_hits, win_n, hits_all, n_all, bad = (sums * comm.world_size).tolist()
+                sums = comm.allreduce_mean(torch.tensor(
+                    [losses.mean().item(), sum(window_loss), sum(window), len(window), correct, seen, reader.bad],
+                    dtype=torch.float64, device=comm.device))
+                loss_avg, win_loss, win_hits, win_n, hits_all, n_all, bad = (sums * comm.world_size).tolist()
                 now = time.perf_counter()
                 metrics.log({"train/loss": loss_avg / comm.world_size,
+                             "online/prequential_loss": win_loss / max(win_n, 1),
                              "online/prequential_accuracy": win_hits / max(win_n, 1),
                              "online/prequential_accuracy_run": hits_all / max(n_all, 1),
                              "online/records": self.records, "online/bad_records": bad,
