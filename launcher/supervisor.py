@@ -126,8 +126,9 @@ def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
 
 
 class Supervisor:
-    def __init__(self, commands: list[Cmd], out: TextIO = sys.stdout) -> None:
-        self.commands, self.out = commands, out
+    def __init__(self, commands: list[Cmd], out: TextIO | None = None) -> None:
+        # None: the caller's sys.stdout at the time of writing (it may be redirected after import)
+        self.commands, self._out = commands, out
         self.procs: list[subprocess.Popen] = []
         self.output: deque[str] = deque(maxlen=2000)  # enough to hold torchrun's failure report
         self.outputs = {c.name: deque[str](maxlen=2000) for c in commands}  # the same, per command
@@ -143,8 +144,9 @@ class Supervisor:
             with self._lock:
                 self.output.append(line)
                 self.outputs[cmd.name].append(line)
-                self.out.write(f"{prefix}{line}\n")
-                self.out.flush()
+                out = self._out or sys.stdout
+                out.write(f"{prefix}{line}\n")
+                out.flush()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGUSR1:
@@ -156,6 +158,8 @@ class Supervisor:
                 else:
                     signal_ranks(p.pid, cmd.rank_marker, signum)
             return
+        if self.procs and all(p.poll() is not None for p in self.procs):
+            return  # everything already ended (e.g. docker-compose stopping a finished node): not a stop
         self.signals.append(signum)
         # first signal: ask every child to stop (they checkpoint and exit); second: kill now
         if len(self.signals) > 1:

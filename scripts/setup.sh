@@ -26,8 +26,9 @@ if [ "${1:-}" = "--test" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     need=()
     # OpenMPI + a compiler for horovod and mpi4py; sshd and iproute2 for the two-host (netns) tests;
-    # Slurm and munge for the test cluster
-    for pkg in libopenmpi-dev openmpi-bin cmake g++ openssh-server openssh-client iproute2 slurm-wlm munge; do
+    # Slurm and munge for the test cluster; a Docker engine, compose and debootstrap for the docker tests
+    for pkg in libopenmpi-dev openmpi-bin cmake g++ openssh-server openssh-client iproute2 slurm-wlm munge \
+               docker.io docker-compose debootstrap; do
       dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then

@@ -140,3 +140,21 @@ def test_unreachable_host_exits_2_before_starting_anything(hosts: Hosts, tmp_pat
     assert time.monotonic() - started < 30  # the connect timeout, plus interpreter starts
     assert out == "" and not run_dir.exists()
     assert leftover_processes(run_dir) == []
+
+
+def test_ctrl_c_stops_every_node_with_a_checkpoint(hosts: Hosts, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
+                    "--ssh-config", str(hosts.ssh_config), "--master-port", "29614",
+                    "trainer.max_steps=100000", "trainer.checkpoint_every=1000000")
+    deadline = time.monotonic() + 120
+    while len(rank_processes(hosts, 1, run_dir)) < 2 or not (run_dir / "tb").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+        time.sleep(0.2)
+    time.sleep(3)  # training under way
+    proc.send_signal(signal.SIGINT)  # Ctrl-C on node 1: the remote ranks must checkpoint and stop too
+    code, out, err = finish(proc, timeout=120)
+    assert code == 130, out[-2000:] + err[-2000:]
+    stopped = int(out.split("stopping on request at step ")[1].split(":")[0])
+    assert (run_dir / "checkpoints" / f"step-{stopped:08d}.pt").exists()
+    assert leftover_processes(run_dir) == []
