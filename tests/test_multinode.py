@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -108,15 +108,24 @@ def rank_processes(hosts: Hosts, node: int, run_dir: Path) -> dict[int, int]:
     return ranks
 
 
-def test_killed_remote_rank_stops_every_node(hosts: Hosts, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
-                    "--ssh-config", str(hosts.ssh_config), "--master-port", "29613",
-                    "trainer.max_steps=100000", "trainer.checkpoint_every=20")
-    deadline = time.monotonic() + 120
-    while not list((run_dir / "checkpoints").glob("step-*.pt")):  # training is under way on both hosts
+def long_fan_out(hosts: Hosts, tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
+    """A fan-out job from host 0 that would run for a long time, into tmp_path/run."""
+    return start_on(hosts, tmp_path / "run", "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
+                    "--ssh-config", str(hosts.ssh_config), "--master-port", str(port), "trainer.max_steps=100000",
+                    *args)
+
+
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
         assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
         time.sleep(0.2)
+
+
+def test_killed_remote_rank_stops_every_node(hosts: Hosts, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = long_fan_out(hosts, tmp_path, 29613, "trainer.checkpoint_every=20")
+    wait_until(proc, lambda: bool(list((run_dir / "checkpoints").glob("step-*.pt"))))  # training on both hosts
     remote = rank_processes(hosts, 1, run_dir)
     assert len(remote) == 2 and len(rank_processes(hosts, 0, run_dir)) == 2
     victim = max(remote)
@@ -144,13 +153,8 @@ def test_unreachable_host_exits_2_before_starting_anything(hosts: Hosts, tmp_pat
 
 def test_ctrl_c_stops_every_node_with_a_checkpoint(hosts: Hosts, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")),
-                    "--ssh-config", str(hosts.ssh_config), "--master-port", "29614",
-                    "trainer.max_steps=100000", "trainer.checkpoint_every=1000000")
-    deadline = time.monotonic() + 120
-    while len(rank_processes(hosts, 1, run_dir)) < 2 or not (run_dir / "tb").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
-        time.sleep(0.2)
+    proc = long_fan_out(hosts, tmp_path, 29614, "trainer.checkpoint_every=1000000")
+    wait_until(proc, lambda: len(rank_processes(hosts, 1, run_dir)) == 2 and (run_dir / "tb").exists())
     time.sleep(3)  # training under way
     proc.send_signal(signal.SIGINT)  # Ctrl-C on node 1: the remote ranks must checkpoint and stop too
     code, out, err = finish(proc, timeout=120)
