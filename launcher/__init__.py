@@ -6,6 +6,8 @@ Usage::
     python -m launcher --gpus 2 optimizer=sgd optimizer.lr=0.05 trainer.max_steps=300
     python -m launcher --nodes 2 --gpus 8 --node-rank 0 --master-addr 10.0.0.1   # run on each node
     python -m launcher --hostfile hosts.txt --gpus 8             # from one node: ssh to every host
+    python -m launcher --slurm --nodes 2 --gpus 8 --partition gpu --time 04:00:00   # sbatch it
+    python -m launcher --gpus 2 mode=online online.source=file online.path=s.jsonl   # learn from a stream
     python -m launcher --gpus 2 -- path/to/any_torchrun_script.py --its-args
     python -m launcher --backend horovod --gpus 2                # horovodrun, Horovod's optimizer
     python -m launcher --gpus 2 --dry-run                        # print the exact commands, start nothing
