@@ -120,6 +120,11 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def run_dir_of(args: argparse.Namespace) -> Path:
+    """--run-dir, else RUNS_ROOT/NAME, else RUNS_ROOT/<timestamp>; absolute."""
+    return (args.run_dir or args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))).resolve()
+
+
 def options_from_args(args: argparse.Namespace, program: list[str],
                       env: Mapping[str, str] | None = None) -> LaunchOptions:
     alloc = slurm_env.allocation(env or {})
@@ -134,16 +139,12 @@ def options_from_args(args: argparse.Namespace, program: list[str],
         args.master_port = args.master_port or alloc.master_port
     if args.hostfile is not None:
         hosts += parse_hostfile(args.hostfile)
-    if args.run_dir is not None:
-        run_dir = args.run_dir
-    else:
-        run_dir = args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))
     return LaunchOptions(
         backend=args.backend, nodes=args.nodes or 1, gpus=args.gpus, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, hosts=tuple(hosts),
         controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
-        max_restarts=args.max_restarts, run_dir=run_dir.resolve(), program=tuple(program),
+        max_restarts=args.max_restarts, run_dir=run_dir_of(args), program=tuple(program),
         # the same on every node, however many seconds apart they start
         job_id=args.name or (alloc.job_id if alloc else "launcher"),
         workdir=Path.cwd(), ssh_config=args.ssh_config, ssh_timeout=args.ssh_timeout,
@@ -250,7 +251,7 @@ def run(argv: list[str]) -> int:
 
 def slurm_job(args: argparse.Namespace, program: list[str]) -> int:
     """Render the matching slurm/ template for these arguments and submit it (or print it: --dry-run)."""
-    run_dir = (args.run_dir or args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))).resolve()
+    run_dir = run_dir_of(args)
     forwarded = [*args.overrides, *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else []),
                  *(["--config-dir", str(args.config_dir)] if args.config_dir != DEFAULT_CONFIG_DIR else []),
                  *(["--controller", args.controller] if args.backend == "horovod" else []),
