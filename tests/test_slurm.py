@@ -120,9 +120,11 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster: Cluster, tmp_path:
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the limit
 
     wait_for_state(cluster, job, {"PENDING", "COMPLETED", "FAILED"})
-    # skip Slurm's requeue delay, but only once the first run's steps are gone: a job started while its
-    # old step still winds down is killed ("job credential revoked")
+    # skip Slurm's requeue delay, but only once the first run's steps are gone and a few seconds have
+    # passed: slurmd refuses a job whose new credential is not newer (in whole seconds) than the one it
+    # revoked when the first run ended ("job credential revoked")
     wait_idle(cluster)
+    time.sleep(3)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     state = wait_for_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     text = log.read_text()

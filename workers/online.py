@@ -70,10 +70,11 @@ class OnlineTrainer(Trainer):
 
     def _agree(self, reader: StreamReader, has_batch: bool, clock_due: bool) -> dict[str, bool]:
         """One all-reduce: what any rank asks for before this step (every rank must call it)."""
-        save_pending, self.signals.save_pending = self.signals.save_pending, False
-        local = torch.tensor([self.signals.stop_signal > 0, save_pending, not has_batch,
+        local = torch.tensor([self.signals.stop_signal > 0, self.signals.take_save_request(), not has_batch,
                               reader.idle() and not has_batch, clock_due], dtype=torch.float32, device=self.comm.device)
         stop, save, missing, idle, due = (self.comm.allreduce_mean(local) > 0).tolist()
+        if save:
+            self.signals.mark_saved()
         return {"stop": stop, "save": save or due, "missing": missing, "idle": idle}
 
     def _checkpoint(self, force: bool, last: bool = False) -> None:

@@ -9,6 +9,7 @@ save while another waits in the next step's allreduce.
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,17 @@ class Requests:
     save: bool = False
 
 
+# A SIGUSR1 reaching a rank this soon after a save it asked for is the same request: the launcher signals
+# every rank, and one rank may see it a moment after the others already agreed to save.
+SAME_REQUEST_S = 1.0
+
+
 class SignalFlags:
     def __init__(self) -> None:
         self.stop_signal = 0
         self.save_pending = False
+        self.save_asked_at = 0.0  # when the pending SIGUSR1 arrived
+        self.saved_at = float("-inf")  # when the ranks last agreed to save
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_save)
@@ -32,13 +40,24 @@ class SignalFlags:
         self.stop_signal = signum
 
     def _on_save(self, _signum: int, _frame: object) -> None:
-        self.save_pending = True
+        self.save_pending, self.save_asked_at = True, time.monotonic()
 
     def poll(self, comm: object) -> Requests:
         """What any rank was asked for since the last poll (a collective: every rank must call it)."""
         # take the flag before the all-reduce: Python runs a handler when the blocking call returns, and
         # a request that lands then must stay pending for the next poll, not be cleared after it
-        save_pending, self.save_pending = self.save_pending, False
-        local = torch.tensor([float(self.stop_signal > 0), float(save_pending)], device=comm.device)
+        # (take_save_request), unless the save just agreed on serves it
+        local = torch.tensor([float(self.stop_signal > 0), float(self.take_save_request())], device=comm.device)
         stop, save = (comm.allreduce_mean(local) > 0).tolist()  # type: ignore[attr-defined]
+        if save:
+            self.mark_saved()
         return Requests(stop=stop, save=save)
+
+    def take_save_request(self) -> bool:
+        """This rank's pending SIGUSR1, cleared; one that the last agreed save already served counts not."""
+        pending, self.save_pending = self.save_pending, False
+        return pending and self.save_asked_at > self.saved_at + SAME_REQUEST_S
+
+    def mark_saved(self) -> None:
+        """The ranks agreed to save now."""
+        self.saved_at = time.monotonic()
