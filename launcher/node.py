@@ -12,14 +12,13 @@ launcher (killing the ssh client alone would leave them running). Exits with the
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 
-from launcher.supervisor import GRACE_S, descendants, signal_ranks
+from launcher.supervisor import GRACE_S, kill_group, signal_ranks
 
 
 def _relay(proc: subprocess.Popen) -> None:
@@ -30,34 +29,24 @@ def _relay(proc: subprocess.Popen) -> None:
             sys.stdout.buffer.flush()
 
 
-def _kill(proc: subprocess.Popen, sig: int) -> None:
-    # ranks run in sessions of their own (torchrun starts them so): signal them directly too
-    ranks = descendants(proc.pid) if sig == signal.SIGKILL else []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    for pid in ranks:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
 def _shut_down(proc: subprocess.Popen) -> None:
     """The launcher is gone: stop like after Ctrl-C (checkpoint), then kill what is left after the grace."""
-    _kill(proc, signal.SIGTERM)
+    kill_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    _kill(proc, signal.SIGKILL)
+    kill_group(proc.pid, signal.SIGKILL)
 
 
 def _control(proc: subprocess.Popen, marker: str) -> None:
     for raw in sys.stdin:
         word = raw.strip()
         if word == "TERM":
-            _kill(proc, signal.SIGTERM)
+            kill_group(proc.pid, signal.SIGTERM)
         elif word == "USR1":
             signal_ranks(proc.pid, marker, signal.SIGUSR1)
         elif word == "KILL":
-            _kill(proc, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
     _shut_down(proc)  # end of input
 
 
@@ -77,7 +66,7 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_control, args=(proc, marker), daemon=True).start()
     code = proc.wait()
     relay.join(timeout=5)
-    _kill(proc, signal.SIGKILL)  # stragglers of a finished command
+    kill_group(proc.pid, signal.SIGKILL)  # stragglers of a finished command
     return code if code >= 0 else 128 - code
 
 

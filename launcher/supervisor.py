@@ -111,6 +111,15 @@ def signal_ranks(pid: int, marker: str, sig: int) -> None:
     _signal_pids([p for p in descendants(pid) if marker in _argv(p)], sig)
 
 
+def kill_group(pid: int, sig: int) -> None:
+    """``sig`` to the process group ``pid`` leads; SIGKILL also to every descendant, since ranks run in
+    sessions of their own and would outlive a killed torchrun."""
+    ranks = descendants(pid) if sig == signal.SIGKILL else []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    _signal_pids(ranks, sig)
+
+
 def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
     rank = code = None
     for line in output:
@@ -189,12 +198,7 @@ class Supervisor:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=5)  # the node agent kills its ranks and exits, and ssh with it
             if p.poll() is None:
-                # SIGKILL must reach the ranks directly: they run in sessions of their own and
-                # would outlive a killed torchrun
-                ranks = descendants(p.pid) if sig == signal.SIGKILL else []
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, sig)
-                _signal_pids(ranks, sig)
+                kill_group(p.pid, sig)
 
     def run(self) -> int:
         """Start every command, wait for all; the first failure stops the rest. Returns an exit code."""
