@@ -146,8 +146,8 @@ def checkpoint(repeats: int, tiny: bool) -> Result:
     import torch
 
     from workers.checkpoint import CheckpointManager
-    from workers.comm import SingleProcessComm
-    from workers.dist_env import DistEnv
+    from workers.dist.ddp import SingleProcessComm
+    from workers.dist.env import DistEnv
 
     n = 512 if tiny else 5120  # 5120^2 floats = 105 MB
     state = {"model": {"w": torch.randn(n, n)}, "step": 0}
@@ -200,7 +200,7 @@ def device_peak(threads: int = 1) -> tuple[str, float]:
 
 def lm(repeats: int, tiny: bool) -> Result:
     """GPT-style decoder through the launcher: tokens/s and MFU per DDP setting; which was fastest."""
-    from workers.gpt import GPT, flops_per_token
+    from workers.models.gpt import GPT, flops_per_token
 
     steps, interval = (12, 4) if tiny else (120, 20)
     shape = {"model.layers": 2, "model.heads": 4, "model.width": 128, "data.context": 128, "data.vocab_size": 512}

@@ -22,7 +22,7 @@ EXPECTED = {
 
 def test_flops_per_token_matches_a_hand_count() -> None:
     """V=10, T=4, L=1, d=8: matmul weights 12*1*8*8 + 10*8 = 848 -> 6*848 = 5088; attention 12*1*4*8 = 384."""
-    from workers.gpt import GPT, flops_per_token
+    from workers.models.gpt import GPT, flops_per_token
 
     model = GPT(vocab=10, context=4, layers=1, heads=2, width=8)
     assert flops_per_token(model) == 5088 + 384

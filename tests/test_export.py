@@ -29,7 +29,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
     weights = load_file(str(out / "model.safetensors"))
     assert weights.keys() == ckpt.keys() and all(torch.equal(weights[k], ckpt[k]) for k in ckpt)
 
-    from workers.data import load_digits_tensors
+    from workers.data.builtin import load_digits_tensors
 
     x, _ = load_digits_tensors()
     lines = "".join(json.dumps(row) + "\n" for row in x[:50].tolist())

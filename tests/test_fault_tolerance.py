@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_bitwise_equal, finish, newest_weights, rank_pids, run_processes, start, wait_for
 
-from workers.data import ResumableSampler
+from workers.data.sampler import ResumableSampler
 
 QUIET = ["trainer.log_every=50", "trainer.eval_every=100000"]
 

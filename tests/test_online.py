@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_bitwise_equal, finish, launch, newest_weights, rank_pids, scalars, start, wait_for
 
-from workers.data import load_digits_tensors
+from workers.data.builtin import load_digits_tensors
 
 pytestmark = pytest.mark.slow
 

@@ -235,7 +235,7 @@ def test_mpirun_flags_only_where_needed() -> None:
     assert "--allow-run-as-root" not in plain and "--oversubscribe" not in plain
     assert plain[plain.index("--bind-to") : plain.index("--bind-to") + 2] == ("--bind-to", "none")
     assert "OMP_NUM_THREADS=2" in plain and plain[plain.index("OMP_NUM_THREADS=2") - 1] == "-x"
-    assert plain[-7:] == (PY, "-m", "workers.mpi_env", *TRAINER)
+    assert plain[-7:] == (PY, "-m", "workers.dist.mpi_env", *TRAINER)
     crowded = plan(backend="mpi", gpus=4, cpu_count=2, is_root=True).commands[0].argv
     assert "--allow-run-as-root" in crowded and "--oversubscribe" in crowded
 

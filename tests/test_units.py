@@ -14,10 +14,10 @@ from launcher.config import compose_config
 from launcher.errors import UsageError
 from workers import checkpoint as ck
 from workers import config as schema
-from workers.comm import SingleProcessComm
+from workers.dist.ddp import SingleProcessComm
 from workers.config import ScheduleConfig, to_yaml
-from workers.data import ResumableSampler
-from workers.dist_env import DistEnv
+from workers.data.sampler import ResumableSampler
+from workers.dist.env import DistEnv
 from workers.optim import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,7 +327,7 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 # -- pre-flight -----------------------------------------------------------------------------------
 def test_preflight_finds_disagreeing_nodes() -> None:
-    from workers.preflight import problems, table
+    from workers.dist.preflight import problems, table
 
     good = [{"rank": r, "local_rank": r % 2, "host": f"n{r // 2}", "gpus": 2, "torch": "2.13.0", "nccl": "2.21.5"}
             for r in range(4)]
@@ -348,7 +348,7 @@ def test_preflight_finds_disagreeing_nodes() -> None:
      ("0.5,0,1,0", "csv", ([0.5, 0.0, 1.0], 0))],
 )
 def test_stream_record_formats(line: str, fmt: str, expected: tuple) -> None:
-    from workers.stream import parse
+    from workers.data.stream import parse
 
     assert parse(line, fmt, 3, 4) == expected
 
@@ -359,14 +359,14 @@ def test_stream_record_formats(line: str, fmt: str, expected: tuple) -> None:
     ('{"x": [1, 2, 3], "y": 7}', "jsonl", "label 7 is not a class"), ("1,2,3,1.5", "csv", "label 1.5"),
     ("1,a,3,1", "csv", "cannot parse")])
 def test_stream_bad_records(line: str, fmt: str, why: str) -> None:
-    from workers.stream import BadRecord, parse
+    from workers.data.stream import BadRecord, parse
 
     with pytest.raises(BadRecord, match=why):
         parse(line, fmt, 3, 4)
 
 
 def test_stream_resume_on_another_world_size_skips_what_was_trained() -> None:
-    from workers.stream import resume_point
+    from workers.data.stream import resume_point
 
     # 2 ranks had trained records 0,2,4 (rank 0 next at 6) and 1,3 (rank 1 next at 5)
     saved = [{"index": 6, "line": 7, "shard": "", "offset": 70}, {"index": 5, "line": 6, "shard": "", "offset": 60}]

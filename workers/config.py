@@ -1,18 +1,25 @@
-"""The training config schema: one dataclass per concern.
+"""The training config: composed from ``configs/`` with Hydra, checked against the schema here.
 
-The launcher composes ``configs/`` with Hydra, checks the result against these dataclasses
-(unknown keys, wrong types and bad values are caught before any process starts) and writes the
-resolved YAML into the run directory. Workers load that file with :func:`load` and only ever see
-these dataclasses, never a DictConfig.
+Defaults live in one place, the YAML files of ``configs/`` (``config.yaml`` and one directory per
+group). The dataclasses below only give types and checks; none of their fields has a default, so a
+value missing from the YAML is an error, not a second, silent default.
+
+The user's parts are Hydra ``_target_`` nodes — ``model``, ``data``, ``loss``, ``optimizer`` and each
+entry of ``metrics`` — whose other keys are passed to the target (see workers/task.py). A few keys of
+``data`` and ``optimizer`` are the trainer's own (``DATA_KEYS``, ``OPTIMIZER_KEYS``) and are not passed.
+
+The launcher composes once (:func:`compose`), checks the targets (workers/task.py) and writes the
+resolved YAML into the run directory; every rank loads that file with :func:`load`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -24,67 +31,22 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
 
 
-@dataclass
-class ModelConfig:
-    name: str = "mlp"  # mlp | gpt
-    hidden: int = 128  # mlp: hidden units
-    layers: int = 2  # gpt: transformer blocks
-    heads: int = 4  # gpt: attention heads (width must divide by it)
-    width: int = 128  # gpt: embedding width
-
-    def __post_init__(self) -> None:
-        _check(self.name in ("mlp", "gpt"), "model.name", self.name, "mlp | gpt")
-        _check(self.hidden > 0, "model.hidden", self.hidden, "a positive int")
-        _check(self.width % self.heads == 0, "model.width", self.width, f"a multiple of model.heads={self.heads}")
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"  # digits | synthetic | tokens | synthetic_tokens
-    batch_size: int = 32  # samples (token windows for LMs) per rank per micro-step
-    test_fraction: float = 0.2
-    split_seed: int = 0  # fixes the train/test split independently of the training seed
-    num_samples: int = 8192  # synthetic only
-    num_features: int = 64  # synthetic only
-    num_classes: int = 10  # synthetic only
-    path: str | None = None  # tokens: a flat file of uint16 token ids (read with numpy.memmap)
-    context: int = 128  # tokens, synthetic_tokens: tokens per training window
-    vocab_size: int = 512  # tokens, synthetic_tokens
-
-    def __post_init__(self) -> None:
-        names = ("digits", "synthetic", "tokens", "synthetic_tokens")
-        _check(self.name in names, "data.name", self.name, " | ".join(names))
-        _check(self.name != "tokens" or bool(self.path), "data.path", self.path, "a token file for data=tokens")
-        _check(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive int")
-        _check(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "adam"  # sgd | adam | adamw
-    lr: float = 3e-3  # peak learning rate
-    weight_decay: float = 0.0
-    momentum: float = 0.0  # sgd only
-    nesterov: bool = False  # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw only
-    scale_lr_with_world_size: bool = False  # lr *= world_size (linear scaling rule), only if asked
-
-    def __post_init__(self) -> None:
-        _check(self.name in ("sgd", "adam", "adamw"), "optimizer.name", self.name, "sgd | adam | adamw")
-        _check(self.lr > 0, "optimizer.lr", self.lr, "a positive float")
-        _check(len(self.betas) == 2, "optimizer.betas", self.betas, "two floats")
-        _check(not self.nesterov or self.momentum > 0, "optimizer.nesterov", self.nesterov,
-               "false unless optimizer.momentum > 0")
+# keys of `data` and `optimizer` that the trainer reads itself; every other key goes to the target
+DATA_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+OPTIMIZER_KEYS = ("scale_lr_with_world_size", "decay_norms_and_biases")
+# `_target_` nodes: switching a node's target on the command line drops the keys its preset gave
+# (they belong to the old target), except these, which mean the same for any target
+TARGET_NODES = {"model": (), "data": DATA_KEYS, "loss": (), "optimizer": ("lr", "weight_decay", *OPTIMIZER_KEYS)}
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"  # constant | step | linear | cosine
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many steps
-    min_lr: float = 0.0  # floor reached at total_steps by linear/cosine decay
-    total_steps: int | None = None  # decay horizon; None = trainer.max_steps
-    step_size: int = 100  # step schedule: decay every step_size steps
-    gamma: float = 0.5  # step schedule: decay factor
+    name: str = MISSING  # constant | step | linear | cosine
+    warmup_steps: int = MISSING  # linear warmup from 0 to lr over this many steps
+    min_lr: float = MISSING  # floor reached at total_steps by linear/cosine decay
+    total_steps: int | None = MISSING  # decay horizon; None = trainer.max_steps
+    step_size: int = MISSING  # step schedule: decay every step_size steps
+    gamma: float = MISSING  # step schedule: decay factor
 
     def __post_init__(self) -> None:
         names = ("constant", "step", "linear", "cosine")
@@ -95,42 +57,44 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 500  # optimizer steps
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
-    log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = False  # rank 0 snapshots to CPU and a thread writes; training goes on
-    compile: bool = False  # torch.compile the model
-    threads: int = 0  # torch threads per rank; 0 = cores / local ranks
+    max_steps: int = MISSING
+    grad_accum_steps: int = MISSING
+    grad_clip: float = MISSING
+    precision: str = MISSING  # fp32 | bf16 | fp16 (autocast on CUDA; fp16 with a GradScaler)
+    channels_last: bool = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    async_checkpoint: bool = MISSING
+    compile: bool = MISSING
+    threads: int = MISSING
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "an int >= 0")
-        for key in ("grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
-                    "keep_checkpoints"):
+        for key in ("grad_accum_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, key)
             _check(value > 0, f"trainer.{key}", value, "a positive int")
-        _check(self.precision in ("fp32", "bf16"), "trainer.precision", self.precision, "fp32 | bf16")
+        _check(self.precision in ("fp32", "bf16", "fp16"), "trainer.precision", self.precision, "fp32 | bf16 | fp16")
         _check(self.grad_clip >= 0, "trainer.grad_clip", self.grad_clip, "a float >= 0")
         _check(self.threads >= 0, "trainer.threads", self.threads, "an int >= 0")
 
 
 @dataclass
 class OnlineConfig:
-    """mode=online: learn from a stream of records as they arrive (workers/stream.py, workers/online.py)."""
+    """mode=online: learn from a stream of records as they arrive (workers/data/stream.py, workers/online.py)."""
 
-    source: str = "synthetic"  # file | shards | synthetic
-    path: str | None = None  # file: JSON lines or CSV being appended to; shards: a directory of files
-    format: str = "jsonl"  # jsonl ({"x": [...], "y": label} or [x..., label]) | csv (x...,label)
-    batch_size: int = 1  # records per rank per update: 1 = per-sample SGD, k = the last k records
-    poll_s: float = 0.2  # how often a quiet stream is checked for new records
-    idle_timeout_s: float = 30.0  # no new record for this long: checkpoint and end cleanly (0 = never)
-    checkpoint_every_s: float = 0.0  # also checkpoint on wall time (0 = steps only)
-    window: int = 1000  # records in the rolling prequential (test-then-train) accuracy
-    records: int = 0  # synthetic: how many records the stream has (0 = endless)
+    source: str = MISSING  # file | shards | synthetic
+    path: str | None = MISSING
+    format: str = MISSING  # jsonl | csv
+    features: int = MISSING  # numbers per record before the label
+    classes: int = MISSING  # labels are 0..classes-1
+    batch_size: int = MISSING
+    poll_s: float = MISSING
+    idle_timeout_s: float = MISSING
+    checkpoint_every_s: float = MISSING
+    window: int = MISSING
+    records: int = MISSING
 
     def __post_init__(self) -> None:
         _check(self.source in ("file", "shards", "synthetic"), "online.source", self.source,
@@ -138,6 +102,8 @@ class OnlineConfig:
         _check(self.source == "synthetic" or bool(self.path), "online.path", self.path,
                f"a path for online.source={self.source}")
         _check(self.format in ("jsonl", "csv"), "online.format", self.format, "jsonl | csv")
+        _check(self.features > 0 and self.classes > 1, "online.features/classes", (self.features, self.classes),
+               "features > 0 and classes > 1")
         _check(self.batch_size > 0, "online.batch_size", self.batch_size, "a positive int")
         _check(self.poll_s > 0, "online.poll_s", self.poll_s, "a positive float")
         _check(self.idle_timeout_s >= 0, "online.idle_timeout_s", self.idle_timeout_s, "a float >= 0")
@@ -148,45 +114,74 @@ class OnlineConfig:
 class DDPConfig:
     """DistributedDataParallel knobs (ignored by the Horovod and single-process paths)."""
 
-    bucket_cap_mb: float = 25.0  # gradient bucket size
-    gradient_as_bucket_view: bool = False  # grads alias the buckets: less memory, one copy less
-    static_graph: bool = False  # the graph is the same every step: lets DDP skip some bookkeeping
+    bucket_cap_mb: float = MISSING
+    gradient_as_bucket_view: bool = MISSING
+    static_graph: bool = MISSING
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    ddp: DDPConfig = field(default_factory=DDPConfig)
-    online: OnlineConfig = field(default_factory=OnlineConfig)
-    seed: int = 0
-    mode: str = "batch"  # batch: epochs over a dataset | online: a stream, each record trained once
+    model: dict[str, Any] = MISSING
+    data: dict[str, Any] = MISSING
+    loss: dict[str, Any] = MISSING
+    metrics: dict[str, Any] = MISSING
+    optimizer: dict[str, Any] = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    ddp: DDPConfig = MISSING
+    online: OnlineConfig = MISSING
+    seed: int = MISSING
+    mode: str = MISSING  # batch | online
 
     def __post_init__(self) -> None:
+        for key in ("model", "data", "loss", "optimizer"):
+            _check_target(getattr(self, key), key)
+        for name, node in self.metrics.items():
+            _check_target(node, f"metrics.{name}")
+        d, o = self.data, self.optimizer
+        _check(int(d.get("batch_size", 0)) > 0, "data.batch_size", d.get("batch_size"), "a positive int")
+        _check(int(d.get("num_workers", 0)) >= 0, "data.num_workers", d.get("num_workers"), "an int >= 0")
+        _check(float(o.get("lr", 0)) > 0, "optimizer.lr", o.get("lr"), "a positive float")
         _check(self.mode in ("batch", "online"), "mode", self.mode, "batch | online")
-        # online streams may never end: max_steps=0 means no limit there
+        # cross-field checks: what no single group can see
         _check(self.trainer.max_steps > 0 or self.mode == "online", "trainer.max_steps", self.trainer.max_steps,
                "a positive int (0 = unlimited is for mode=online)")
+        _check(self.mode == "batch" or self.trainer.grad_accum_steps == 1, "trainer.grad_accum_steps",
+               self.trainer.grad_accum_steps, "1 with mode=online (each update is the newest records)")
+        _check(self.mode == "batch" or self.trainer.precision != "fp16", "trainer.precision", self.trainer.precision,
+               "fp32 or bf16 with mode=online")
+
+
+def _check_target(node: Any, key: str) -> None:
+    target = node.get("_target_") if isinstance(node, dict) else None
+    _check(isinstance(target, str) and bool(re.fullmatch(r"[A-Za-z_][\w.]*", target)), f"{key}._target_", target,
+           "a dotted path such as my_pkg.Net (a class or function)")
+
+
+def kwargs(node: dict[str, Any], own: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A `_target_` node's keyword arguments: every key but `_target_` and the trainer's own."""
+    return {k: v for k, v in node.items() if k != "_target_" and k not in own}
 
 
 def from_container(container: Any) -> Config:
     """Typed Config from a DictConfig/dict; raises ConfigError naming the bad key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), container)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg = OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except Exception as e:  # omegaconf's errors carry the full key and value
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    # dict-typed nodes come back as plain dicts whose lists may still be ListConfig
+    for key in ("model", "data", "loss", "metrics", "optimizer"):
+        setattr(cfg, key, OmegaConf.to_container(OmegaConf.create(getattr(cfg, key))))
+    return cfg  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -196,3 +191,46 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def load(path: str | Path) -> Config:
     """Load the resolved config that the launcher wrote into the run directory."""
     return from_container(OmegaConf.load(path))
+
+
+def _explicit(overrides: list[str], node: str) -> set[str]:
+    """Keys of `node` set on the command line (node.key=…, +node.key=…, ++node.key=…)."""
+    keys = set()
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key.startswith(node + "."):
+            keys.add(key[len(node) + 1 :].split(".", 1)[0])
+    return keys
+
+
+def _user_overrides(overrides: list[str]) -> list[str]:
+    """`model.depth=3` adds depth when the preset lacks it: a `_target_` node takes whatever its target does
+    (the target's signature is checked later), so the `+` Hydra would want is written for the user."""
+    nodes = (*TARGET_NODES, "metrics")
+    return [f"++{o}" if o[:1] not in "+~" and "=" in o and o.split("=", 1)[0].split(".", 1)[0] in nodes
+            and "." in o.split("=", 1)[0] else o for o in overrides]
+
+
+def compose(overrides: list[str], config_dir: Path) -> Config:
+    """``configs/`` + command-line overrides -> a checked Config (Hydra, composed once).
+
+    When an override changes a node's ``_target_`` (``model._target_=my_pkg.Net``), the keys the
+    group's preset gave for its own target are dropped, so only the keys written on the command line
+    (and the trainer's own, ``TARGET_NODES``) reach the new target."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    user = _user_overrides(overrides)
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
+        composed = OmegaConf.to_container(hydra_compose(config_name="config", overrides=user), resolve=True)
+        switched = [n for n in TARGET_NODES if f"{n}._target_" in {o.lstrip("+").split("=", 1)[0] for o in user}]
+        if switched:  # the presets without the command line's keys for those nodes: what to drop
+            base_overrides = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in switched
+                              or "." not in o.split("=", 1)[0]]
+            base = OmegaConf.to_container(hydra_compose(config_name="config", overrides=base_overrides), resolve=True)
+    assert isinstance(composed, dict)
+    for node in switched:
+        keep = {"_target_", *TARGET_NODES[node], *_explicit(overrides, node)}
+        preset = base.get(node) or {}  # type: ignore[union-attr]
+        composed[node] = {k: v for k, v in composed[node].items() if k in keep or k not in preset}
+    return from_container(composed)

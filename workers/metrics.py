@@ -1,9 +1,26 @@
-"""Metrics: TensorBoard on rank 0, a no-op logger everywhere else (decided once)."""
+"""Metrics: the default loss and accuracy, and TensorBoard on rank 0 (a no-op logger elsewhere, decided once)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last dim: (B, classes) with (B,) targets, or a language model's (B, T, vocab)
+    with (B, T) targets. Computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(outputs.flatten(0, -2).float(), targets.flatten())
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Share of argmax predictions equal to the targets; None (not reported) unless the targets are class
+    indices with one output per class."""
+    if targets.is_floating_point() or outputs.dim() != targets.dim() + 1:
+        return None
+    return (outputs.argmax(-1) == targets).float().mean()
 
 
 class MetricsLogger(Protocol):

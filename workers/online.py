@@ -15,7 +15,6 @@ continues with the first record not yet trained.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import deque
@@ -24,14 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from workers import checkpoint as ck
 from workers import testhooks
 from workers.metrics import build_logger
 from workers.optim import lr_at, set_lr
-from workers.stream import Position, Record, StreamReader, resume_point
-from workers.trainer import Trainer, _Lines
+from workers.data.stream import Position, Record, StreamReader, resume_point
+from workers.trainer import Trainer, progress_bar
 
 STREAM = "stream"  # checkpoint key: {"world_size": W, "positions": [Position as dict per rank]}
 
@@ -65,7 +62,7 @@ class OnlineTrainer(Trainer):
             file = cfg.online.source != "synthetic"
             where = f", {start.shard or cfg.online.path} byte {start.offset}" if file else ""
             print(f"resuming the stream after {self.records} records (rank 0 at line {start.line}{where})", flush=True)
-        return StreamReader(cfg.online, self.data.num_features, self.data.num_classes, comm.rank, comm.world_size,
+        return StreamReader(cfg.online, cfg.online.features, cfg.online.classes, comm.rank, comm.world_size,
                             start, skip, cfg.seed)
 
     def _agree(self, reader: StreamReader, has_batch: bool, clock_due: bool) -> dict[str, bool]:
@@ -107,8 +104,7 @@ class OnlineTrainer(Trainer):
         window: deque[float] = deque(maxlen=max(1, o.window // comm.world_size))
         window_loss: deque[float] = deque(maxlen=window.maxlen)
         seen = correct = 0.0  # this rank's, since the start of this run
-        bar = tqdm(total=t.max_steps or None, initial=self.step, disable=not comm.is_main, desc="online",
-                   file=_Lines(sys.stdout), mininterval=5.0, ascii=True, ncols=100)
+        bar = progress_bar(t.max_steps or None, self.step, comm.is_main, "online")
         last_save, tick, tick_records = time.monotonic(), time.perf_counter(), self.records
         ended = "max_steps"
         while not t.max_steps or self.step < t.max_steps:
@@ -165,11 +161,9 @@ class OnlineTrainer(Trainer):
         hits_all, n_all, bad = totals.tolist()
         result = {**result, "online/prequential_accuracy_run": hits_all / max(n_all, 1), "online/bad_records": bad,
                   "online/records": self.records}
-        if comm.is_main:
-            print(f"online: ended ({ended}) at step {self.step} after {self.records} records; prequential "
-                  f"accuracy {result['online/prequential_accuracy_run']:.4f}, {int(bad)} bad records; "
-                  f"test accuracy {result['test/accuracy']:.4f}", flush=True)
-            (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
+        self.finish(result, f"online: ended ({ended}) at step {self.step} after {self.records} records; prequential "
+                    f"accuracy {result['online/prequential_accuracy_run']:.4f}, {int(bad)} bad records; "
+                    f"test accuracy {result.get('test/accuracy', float('nan')):.4f}")
         metrics.log(result, self.step)
         metrics.close()
         return result

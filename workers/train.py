@@ -19,8 +19,8 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from workers import config
-from workers.comm import build_comm
-from workers.dist_env import DistEnv
+from workers.dist import build_comm
+from workers.dist.env import DistEnv
 from workers.online import OnlineTrainer
 from workers.trainer import Trainer
 

@@ -1,4 +1,10 @@
-"""The training loop: data-parallel batch training that reads top to bottom (nanoGPT style)."""
+"""The training loop: data-parallel training of the user's task that reads top to bottom (nanoGPT style).
+
+Model, data, loss, metrics and optimizer come from the config's ``_target_`` nodes (workers/task.py);
+batches from a resumable DataLoader (workers/data/loader.py). The loop adds what every run needs:
+mixed precision, gradient accumulation and clipping, rank-0 checkpoints and TensorBoard, evaluation,
+stop/save signals and a progress bar.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,27 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from workers import checkpoint as ck
-from workers import preflight, testhooks
-from workers.comm import Comm
+from workers import task, testhooks
 from workers.config import Config, to_dict, to_yaml
-from workers.data import ResumableSampler, build_data
+from workers.data.loader import TrainLoader, loader_kwargs, to_device
+from workers.dist import preflight
+from workers.dist.comm import Comm
 from workers.metrics import build_logger, flatten
-from workers.model import build_model
-from workers.optim import build_optimizer, lr_at, peak_lr, set_lr
+from workers.optim import lr_at, set_lr
 from workers.signals import Requests, SignalFlags
 
 SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests
+SCALER = "grad_scaler"  # checkpoint key of the fp16 GradScaler's state
 
 
 class _Lines:
@@ -46,84 +53,149 @@ class _Lines:
         self.stream.flush()
 
 
+def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> tqdm:
+    """tqdm on rank 0: redrawn in place on a terminal, a line every few seconds in a log."""
+    tty = sys.stdout.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
+                file=sys.stdout if tty else _Lines(sys.stdout), mininterval=1.0 if tty else 5.0,
+                ascii=not tty, ncols=None if tty else 100)
+
+
+def build_once(comm: Comm, build: Callable[[], Any]) -> Any:
+    """Build on every rank; if it raises anywhere, the lowest failing rank prints the traceback (once, not
+    once per rank) and all ranks exit 1."""
+    try:
+        built, error = build(), None
+    except Exception:
+        built, error = None, traceback.format_exc()
+    errors = comm.allgather_object(error)
+    failed = [r for r, e in enumerate(errors) if e]
+    if failed:
+        if comm.rank == failed[0]:
+            print(f"building the task failed on rank(s) {failed}:\n{error}", file=sys.stderr, flush=True)
+        else:  # let the reporting rank be the first to exit: the launcher names the first failure
+            time.sleep(3)
+        raise SystemExit(1)
+    return built
+
+
 class Trainer:
     def __init__(self, cfg: Config, comm: Comm, run_dir: Path) -> None:
         self.cfg, self.comm, self.run_dir = cfg, comm, run_dir
-        t, W = cfg.trainer, comm.world_size
+        t, W, dev = cfg.trainer, comm.world_size, comm.device
         torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // comm.local_world_size))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.data = build_data(cfg.data)
+        random.seed(cfg.seed)
+        self.channels_last = t.channels_last and dev.type == "cuda"
         # self.net: the bare module, for state dicts; self.model: what trains (DDP-wrapped, compiled)
-        self.net = self.model = build_model(cfg.model, self.data).to(comm.device)
-        self.optimizer = build_optimizer(cfg.optimizer, self.net.parameters(), W)
-        self.peak = peak_lr(cfg.optimizer, W)
-        self.sampler = ResumableSampler(self.data.train, W, comm.rank, cfg.seed)
-        self.step, self.epoch, self.epoch_pos = 0, 0, 0  # epoch_pos: global samples done this epoch
+        self.net, self.train_set, self.eval_set, self.loss_fn, self.metric_fns = build_once(comm, self._build)
+        self.model = self.net
+        self.optimizer = build_once(comm, lambda: task.build_optimizer(cfg, self.net, W, dev.type))
+        self.peak = task.peak_lr(cfg, W)
+        self.step = 0
         config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
                                           "torch_version": str(torch.__version__)},
                                          async_save=t.async_checkpoint)
         self.signals = SignalFlags()
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if t.precision == "bf16" and comm.device.type == "cuda" else contextlib.nullcontext())
-        if t.precision == "bf16" and comm.device.type != "cuda" and comm.is_main:
-            print("trainer.precision=bf16 applies on CUDA only; training in fp32 on the CPU", flush=True)
+        cuda = dev.type == "cuda"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.autocast = torch.autocast("cuda", dtype=amp) if amp and cuda else contextlib.nullcontext()
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" and cuda else None
+        if amp and not cuda and comm.is_main:
+            print(f"trainer.precision={t.precision} applies on CUDA only; training in fp32 on the CPU", flush=True)
+
+    def _build(self) -> tuple[Any, ...]:
+        cfg, dev = self.cfg, self.comm.device
+        model = task.build_model(cfg).to(dev)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        train, evaluation = task.build_data(cfg)
+        self.loader = TrainLoader(train, int(cfg.data["batch_size"]), self.comm.world_size, self.comm.rank, cfg.seed,
+                                  dev, loader_kwargs(cfg.data, dev), self.channels_last)
+        return model, train, evaluation, task.build_loss(cfg), task.build_metrics(cfg)
 
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             ck.MODEL: self.net.state_dict(),
             ck.OPTIMIZER: self.optimizer.state_dict(),
-            ck.TRAIN_STATE: {"step": self.step, "epoch": self.epoch, "epoch_pos": self.epoch_pos},
+            ck.TRAIN_STATE: {"step": self.step, **self.loader.state_dict()},
             ck.RNG: {"torch": torch.get_rng_state(), "python": random.getstate()},
             ck.CONFIG: to_dict(self.cfg),
         }
+        if self.scaler is not None:
+            state[SCALER] = self.scaler.state_dict()
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state[ck.MODEL])
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
-        ts = state[ck.TRAIN_STATE]
-        self.step, self.epoch, self.epoch_pos = ts["step"], ts["epoch"], ts["epoch_pos"]
+        self.step = state[ck.TRAIN_STATE]["step"]
+        self.loader.load_state_dict(state[ck.TRAIN_STATE])
+        if self.scaler is not None and SCALER in state:
+            self.scaler.load_state_dict(state[SCALER])
         if self.comm.is_main:  # other ranks re-seeded deterministically below; rank 0 continues exactly
             torch.set_rng_state(state[ck.RNG]["torch"])
             random.setstate(state[ck.RNG]["python"])
 
     # -- data --------------------------------------------------------------------------------
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless stream of this rank's batches; keeps (epoch, epoch_pos) current for checkpoints."""
-        B, W = self.cfg.data.batch_size, self.comm.world_size
-        while True:
-            self.sampler.set_epoch(self.epoch, start=self.epoch_pos)
-            for idx in _chunks(list(self.sampler), B):
-                self.epoch_pos += B * W
-                if testhooks.SAMPLE_LOG:
-                    self._log_samples(idx)
-                x, y = _take(self.data.train, idx)
-                yield x.to(self.comm.device, non_blocking=True), y.to(self.comm.device, non_blocking=True)
-            self.epoch, self.epoch_pos = self.epoch + 1, 0
+    def batches(self) -> Iterator[Any]:
+        """This rank's training batches, on the device; the test hook logs the dataset indices taken."""
+        if not testhooks.SAMPLE_LOG:
+            return iter(self.loader)
+        handed = self.loader.record_indices()
 
-    def _log_samples(self, idx: list[int]) -> None:
-        """Test hook: the dataset indices of the batch just taken."""
-        with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
-            f.write(f"{self.epoch} " + " ".join(map(str, idx)) + "\n")
+        def logged() -> Iterator[Any]:
+            for batch in self.loader:
+                epoch = self.loader.epoch if self.loader.position else self.loader.epoch - 1
+                with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
+                    f.write(f"{epoch} " + " ".join(map(str, handed.popleft())) + "\n")
+                yield batch
+
+        return logged()
+
+    def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(loss, outputs, targets) of one ``(inputs, targets)`` batch, under autocast."""
+        inputs, targets = batch
+        with self.autocast:
+            outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, targets)
+        return loss, outputs, targets
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Test-split loss and accuracy; each rank scores a shard and the sums are all-reduced."""
-        model, test = self.model, self.data.test
+        """Loss and metrics on the eval split: each rank scores a shard, sums are all-reduced."""
+        if self.eval_set is None:
+            return {}
+        model, dev, comm = self.model, self.comm.device, self.comm
         model.eval()
-        shard = Subset(test, range(self.comm.rank, len(test), self.comm.world_size))
-        sums = torch.zeros(3, dtype=torch.float64, device=self.comm.device)  # loss sum, correct, count
-        for x, y in DataLoader(shard, batch_size=256):
-            x, y = x.to(self.comm.device), y.to(self.comm.device).flatten()
-            with self.autocast:
-                logits = model(x).flatten(0, -2).float()
-            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
-                                 torch.tensor(len(y), device=y.device)]).double()
-        loss_sum, correct, count = self.comm.allreduce_mean(sums).tolist()
+        names = ["loss", *self.metric_fns]
+        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=dev)  # (value * n, n) per name
+        kw = {k: v for k, v in loader_kwargs(self.cfg.data, dev).items() if k != "persistent_workers"}
+        batch_size = max(256, int(self.cfg.data["batch_size"]))
+        if isinstance(self.eval_set, TensorDataset):  # in memory: slice, no per-sample collate
+            t = self.eval_set.tensors
+            idx = torch.arange(comm.rank, len(self.eval_set), comm.world_size)
+            batches: Any = ((t[0][idx[i:i + batch_size]], t[1][idx[i:i + batch_size]])
+                            for i in range(0, len(idx), batch_size))
+        else:
+            shard = Subset(self.eval_set, range(comm.rank, len(self.eval_set), comm.world_size))
+            batches = DataLoader(shard, batch_size=batch_size, **kw)
+        for batch in batches:
+            loss, outputs, targets = self.forward_loss(to_device(batch, dev, self.channels_last))
+            n = float(len(targets))
+            values = [loss, *(fn(outputs, targets) for fn in self.metric_fns.values())]
+            for i, v in enumerate(values):
+                if v is not None:
+                    sums[2 * i] += float(v) * n
+                    sums[2 * i + 1] += n
+        totals = (comm.allreduce_mean(sums) * comm.world_size).tolist()
         model.train()
-        return {"test/loss": loss_sum / count, "test/accuracy": correct / count}
+        return {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names)
+                if totals[2 * i + 1] > 0}
 
     # -- the loop ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -144,39 +216,41 @@ class Trainer:
         if state is not None:
             self.restore(state)
             if comm.is_main:
-                print(f"resuming from step {self.step} (epoch {self.epoch}, sample {self.epoch_pos})", flush=True)
+                print(f"resuming from step {self.step} (epoch {self.loader.epoch}, sample {self.loader.position})",
+                      flush=True)
         comm.broadcast_state(self.model, self.optimizer)
         random.seed(cfg.seed + comm.rank + self.step)
         if state is None or not comm.is_main:
             torch.manual_seed(cfg.seed + comm.rank + self.step)
 
-    def train_step(self, data: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                   want_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def train_step(self, data: Iterator[Any], want_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over grad_accum_steps micro-batches: (summed loss, grad norm or None)."""
         comm, model, accum = self.comm, self.model, self.cfg.trainer.grad_accum_steps
         loss_sum = torch.zeros((), device=comm.device)
         for micro in range(accum):
-            x, y = next(data)
-            with comm.no_sync(model, last_micro_step=micro == accum - 1), self.autocast:
-                # flatten(0, -2): (B, classes) stays; an LM's (B, T, vocab) becomes (B*T, vocab)
-                loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten()) / accum
-                loss.backward()
+            batch = next(data)
+            with comm.no_sync(model, last_micro_step=micro == accum - 1):
+                loss = self.forward_loss(batch)[0] / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
-        grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, want_norm)
+        grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, want_norm, self.scaler)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
         self.step += 1
         return loss_sum, grad_norm
+
+    def finish(self, result: dict[str, float], summary: str) -> None:
+        """Rank 0: the closing line, result.json and the TensorBoard hparams of the run."""
+        if self.comm.is_main:
+            print(summary, flush=True)
+            (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
 
     def train(self) -> dict[str, float]:
         cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
         self.prepare()
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
         data = self.batches()
-        samples_per_step = cfg.data.batch_size * t.grad_accum_steps * comm.world_size
-        tty = sys.stdout.isatty()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not comm.is_main, desc="train",
-                   file=sys.stdout if tty else _Lines(sys.stdout), mininterval=1.0 if tty else 5.0,
-                   ascii=not tty, ncols=None if tty else 100)
+        samples_per_step = int(cfg.data["batch_size"]) * t.grad_accum_steps * comm.world_size
+        bar = progress_bar(t.max_steps, self.step, comm.is_main, "train")
         result: dict[str, float] = {}
         tick, tick_step = time.perf_counter(), self.step
         while self.step < t.max_steps:
@@ -192,11 +266,10 @@ class Trainer:
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
-                perf = {"perf/samples_per_s": rate}
-                if self.data.context:
-                    perf["perf/tokens_per_s"] = rate * self.data.context
-                metrics.log({"train/loss": loss_avg, "train/grad_norm": grad_norm.item(), **perf,
-                             "train/epoch": self.epoch}, self.step)
+                logged = {"train/loss": loss_avg, "perf/samples_per_s": rate, "train/epoch": self.loader.epoch}
+                if grad_norm is not None:
+                    logged["train/grad_norm"] = grad_norm.item()
+                metrics.log(logged, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             # a collective: polling every SIGNAL_POLL_EVERY steps keeps its cost off the step time, and
             # a stop or save still lands within those few steps of the signal
@@ -219,24 +292,8 @@ class Trainer:
             metrics.close()
             return result
         result = result or self.evaluate()
-        if comm.is_main:
-            print(f"step {self.step}: test accuracy {result['test/accuracy']:.4f}, "
-                  f"test loss {result['test/loss']:.4f}", flush=True)
-            (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
-            metrics.hparams(flatten(to_dict(cfg)), {"hparam/" + k: v for k, v in result.items()})
+        shown = ", ".join(f"{k.replace('/', ' ')} {v:.4f}" for k, v in result.items()) or "no eval split"
+        self.finish(result, f"step {self.step}: {shown}")
+        metrics.hparams(flatten(to_dict(cfg)), {"hparam/" + k: v for k, v in result.items()})
         metrics.close()
         return result
-
-
-def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
-    """Full batches only (drop_last): every rank takes the same number of steps."""
-    for start in range(0, len(indices) - size + 1, size):
-        yield indices[start : start + size]
-
-
-def _take(dataset: Dataset, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    # in-memory tensors: one fancy-index per batch instead of DataLoader's per-sample fetch + collate
-    if isinstance(dataset, TensorDataset):
-        x, y = dataset.tensors
-        return x[idx], y[idx]
-    return default_collate([dataset[i] for i in idx])

@@ -32,7 +32,7 @@ class MpirunBackend:
                 + (["-F", str(plan.ssh_config)] if plan.ssh_config else []))]
         for key, value in env.items():
             argv += ["-x", f"{key}={value}"]
-        argv += [plan.python, "-m", "workers.mpi_env", *plan.program]
+        argv += [plan.python, "-m", "workers.dist.mpi_env", *plan.program]
         return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker)]
 
     def check_available(self) -> str | None:

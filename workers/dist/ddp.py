@@ -1,16 +1,10 @@
-"""The trainer's one communication interface, and its torch.distributed implementations.
-
-The training loop only calls :class:`Comm` methods; it never names DDP or Horovod. Pick one with
-:func:`build_comm` (``"ddp"``, ``"horovod"``, or ``"auto"`` = DDP when several ranks, else a single
-process). Horovod's implementation lives in ``horovod_comm.py`` so that ``horovod`` is imported
-only when asked for.
-"""
+"""Comm implementations on torch.distributed: one process, and DistributedDataParallel (NCCL/gloo)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,50 +12,8 @@ from torch import nn
 from torch.distributed.rendezvous import rendezvous
 
 from workers.config import DDPConfig
-from workers.dist_env import DistEnv
-
-
-def pick_device(local_rank: int) -> torch.device:
-    """One GPU per rank (LOCAL_RANK) when CUDA is there, else the CPU."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-class Comm(Protocol):
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    device: torch.device
-    name: str
-
-    @property
-    def is_main(self) -> bool: ...
-    def wrap_model(self, model: nn.Module) -> nn.Module: ...
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
-                       accum_steps: int) -> torch.optim.Optimizer: ...
-    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
-    def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager: ...
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
-                      want_norm: bool) -> torch.Tensor | None: ...
-    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
-    def broadcast_object(self, obj: Any) -> Any: ...
-    def allgather_object(self, obj: Any) -> list[Any]: ...
-    def barrier(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def _clip(model: nn.Module, max_norm: float, want_norm: bool) -> torch.Tensor | None:
-    """Clip to max_norm if > 0; the global grad norm (left on the device: reading it would sync) when
-    clipping computed it anyway or the caller wants it, else None."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return nn.utils.clip_grad_norm_(params, max_norm)
-    if want_norm:
-        return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-    return None
+from workers.dist.comm import clip_grads, pick_device
+from workers.dist.env import DistEnv
 
 
 class SingleProcessComm:
@@ -92,9 +44,15 @@ class SingleProcessComm:
         return contextlib.nullcontext()
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
-                      want_norm: bool) -> torch.Tensor | None:
-        norm = _clip(model, max_norm, want_norm)
-        optimizer.step()
+                      want_norm: bool, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
+        if scaler is not None:  # fp16: clip the true gradients, and skip the step on inf/NaN
+            scaler.unscale_(optimizer)
+        norm = clip_grads(model, max_norm, want_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         return norm
 
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -119,7 +77,8 @@ class DDPComm(SingleProcessComm):
     name = "ddp"
 
     def __init__(self, env: DistEnv, ddp: DDPConfig | None = None, timeout_s: float = 300) -> None:
-        self.ddp = ddp or DDPConfig()
+        self.ddp = ddp or DDPConfig(bucket_cap_mb=25.0, gradient_as_bucket_view=False,
+                                            static_graph=False)
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.local_world_size = env.local_world_size
         self.device = pick_device(env.local_rank)
@@ -171,16 +130,3 @@ class DDPComm(SingleProcessComm):
             with contextlib.suppress(RuntimeError):
                 dist.barrier()
             dist.destroy_process_group()
-
-
-def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:
-    """``kind``: auto | ddp | horovod. ``auto`` means DDP for several ranks, else single process."""
-    if kind == "horovod":
-        from workers.horovod_comm import HorovodComm  # lazy: horovod is an optional extra
-
-        return HorovodComm()
-    if kind == "ddp" or (kind == "auto" and env.world_size > 1):
-        return DDPComm(env, ddp)
-    if kind == "auto":
-        return SingleProcessComm(env)
-    raise ValueError(f"unknown comm {kind!r}: expected auto | ddp | horovod")

@@ -9,7 +9,8 @@ import horovod.torch as hvd
 import torch
 from torch import nn
 
-from workers.comm import SingleProcessComm, _clip, pick_device
+from workers.dist.comm import clip_grads, pick_device
+from workers.dist.ddp import SingleProcessComm
 
 
 class HorovodComm(SingleProcessComm):
@@ -44,11 +45,17 @@ class HorovodComm(SingleProcessComm):
         return contextlib.nullcontext()
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
-                      want_norm: bool) -> torch.Tensor | None:
+                      want_norm: bool, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
         optimizer.synchronize()  # finish the allreduce so that clipping sees averaged gradients
-        norm = _clip(model, max_norm, want_norm)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = clip_grads(model, max_norm, want_norm)
         with optimizer.skip_synchronize():
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         return norm
 
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:

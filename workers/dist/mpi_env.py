@@ -1,7 +1,7 @@
 """Run a program under mpirun with torchrun's environment contract, bootstrapped with mpi4py.
 
-    mpirun -np 4 ... python -m workers.mpi_env -m workers.train --run-dir RUN_DIR
-    mpirun -np 4 ... python -m workers.mpi_env path/to/torchrun_script.py --its-args
+    mpirun -np 4 ... python -m workers.dist.mpi_env -m workers.train --run-dir RUN_DIR
+    mpirun -np 4 ... python -m workers.dist.mpi_env path/to/torchrun_script.py --its-args
 
 Rank and world size come from MPI, the local rank from a shared-memory split of COMM_WORLD, and
 rank 0 picks MASTER_ADDR/MASTER_PORT and broadcasts them; then the program runs as if torchrun had
@@ -50,7 +50,7 @@ def torchrun_env() -> dict[str, str]:
 
 def main(argv: list[str]) -> None:
     if not argv:
-        sys.exit("usage: python -m workers.mpi_env (-m MODULE | SCRIPT.py) [ARGS...]")
+        sys.exit("usage: python -m workers.dist.mpi_env (-m MODULE | SCRIPT.py) [ARGS...]")
     os.environ.update(torchrun_env())
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]

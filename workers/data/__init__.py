@@ -1,0 +1,1 @@
+"""The input pipeline: built-in example datasets, the resumable sampler and loader, online streams."""

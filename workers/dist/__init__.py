@@ -1,0 +1,23 @@
+"""Distributed plumbing: the rank environment, the Comm interface and its DDP/Horovod implementations,
+the mpi4py bootstrap and the pre-flight check."""
+
+from __future__ import annotations
+
+from workers.config import DDPConfig
+from workers.dist.comm import Comm
+from workers.dist.env import DistEnv
+
+
+def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:
+    """``kind``: auto | ddp | horovod. ``auto`` means DDP for several ranks, else a single process."""
+    from workers.dist.ddp import DDPComm, SingleProcessComm
+
+    if kind == "horovod":
+        from workers.dist.horovod import HorovodComm  # lazy: horovod is an optional extra
+
+        return HorovodComm()
+    if kind == "ddp" or (kind == "auto" and env.world_size > 1):
+        return DDPComm(env, ddp)
+    if kind == "auto":
+        return SingleProcessComm(env)
+    raise ValueError(f"unknown comm {kind!r}: expected auto | ddp | horovod")

@@ -1,0 +1,57 @@
+"""The trainer's one communication interface, and what its implementations share.
+
+The training loop only calls :class:`Comm` methods; it never names DDP or Horovod. The
+implementations live apart (``ddp.py``: single process and DDP; ``horovod.py``), and
+:func:`workers.dist.build_comm` picks one, importing ``horovod`` only when asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """One GPU per rank (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Comm(Protocol):
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    name: str
+
+    @property
+    def is_main(self) -> bool: ...
+    def wrap_model(self, model: nn.Module) -> nn.Module: ...
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       accum_steps: int) -> torch.optim.Optimizer: ...
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager: ...
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
+                      want_norm: bool, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None: ...
+    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def broadcast_object(self, obj: Any) -> Any: ...
+    def allgather_object(self, obj: Any) -> list[Any]: ...
+    def barrier(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def clip_grads(model: nn.Module, max_norm: float, want_norm: bool) -> torch.Tensor | None:
+    """Clip to max_norm if > 0; the global grad norm (left on the device: reading it would sync) when
+    clipping computed it anyway or the caller wants it, else None."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    if want_norm:
+        return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    return None

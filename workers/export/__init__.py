@@ -1,0 +1,1 @@
+"""Export a trained run (``python -m workers.export``) and run the export (``python -m workers.export.predict``)."""

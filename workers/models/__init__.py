@@ -1,0 +1,1 @@
+"""Built-in example models (``model._target_`` in configs/model/): any ``nn.Module`` works the same way."""
