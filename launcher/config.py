@@ -7,10 +7,11 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from launcher import resources
 from launcher.errors import UsageError
 from workers import config as schema
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG_DIR = resources.config_dir()  # configs/ in a checkout, the packaged copy in a wheel
 
 
 def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR) -> schema.Config:

@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from launcher import resources
 from launcher.errors import UsageError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# the checkout goes on the ranks' PYTHONPATH so `-m workers.train` works from any working directory; an installed
+# wheel needs nothing (its site-packages is on the path already, and must not go ahead of the standard library)
+PROJECT_ROOT = resources.source_root()
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node must agree on it, so no random port
 
 
@@ -133,10 +136,10 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         raise UsageError(f"{opts.program[0]!r} is not a Python script: pass `-- script.py args` or "
                          "`-- -m package.module args`")
     most_ranks = max((n for _, n in hosts), default=gpus)  # on one node: threads are shared by its ranks
-    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT or ""), env.get("PYTHONPATH", "")) if p)
     worker_env = {
         "PYTHONUNBUFFERED": "1",  # rank output reaches the console line by line
-        "PYTHONPATH": pythonpath,  # `-m workers.train` works from any working directory
+        **({"PYTHONPATH": pythonpath} if pythonpath else {}),  # `-m workers.train` works from any working directory
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, cpu_count // most_ranks))),
         "LAUNCHER_RUN_DIR": str(opts.run_dir),
     }

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import resources
 from launcher.errors import UsageError
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATES = resources.template_dir()  # slurm/ in a checkout, the packaged copy in a wheel
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # partition, account, qos, job name
 TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|UNLIMITED|INFINITE", re.IGNORECASE)
 CONSTRAINT = re.compile(r"[A-Za-z0-9_.\-&|,*:\[\]]+")  # Slurm's feature expressions: a&b, [x|y], c*2
@@ -107,7 +108,11 @@ def render(template: str, o: SlurmOptions) -> str:
 
 
 def template_for(backend: str) -> Path:
-    return TEMPLATES / ("train.sbatch" if backend == "torchrun" else "train_mpi.sbatch")
+    path = TEMPLATES / ("train.sbatch" if backend == "torchrun" else "train_mpi.sbatch")
+    if not path.is_file():
+        raise UsageError(f"sbatch template {path} not found: this installation lacks its slurm/ templates. "
+                         "HINT: reinstall the package (pip install .), or run from a source checkout")
+    return path
 
 
 def cluster_has_gpus(partition: str | None) -> bool:

@@ -139,9 +139,11 @@ class Config:
         for name, node in self.metrics.items():
             _check_target(node, f"metrics.{name}")
         d, o = self.data, self.optimizer
-        _check(int(d.get("batch_size", 0)) > 0, "data.batch_size", d.get("batch_size"), "a positive int")
-        _check(int(d.get("num_workers", 0)) >= 0, "data.num_workers", d.get("num_workers"), "an int >= 0")
-        _check(float(o.get("lr", 0)) > 0, "optimizer.lr", o.get("lr"), "a positive float")
+        _check(_number(d.get("batch_size"), int) > 0, "data.batch_size", d.get("batch_size"), "a positive int")
+        _check(_number(d.get("num_workers"), int) >= 0, "data.num_workers", d.get("num_workers"), "an int >= 0")
+        _check(_number(d.get("prefetch_factor"), int) > 0, "data.prefetch_factor", d.get("prefetch_factor"),
+               "a positive int")
+        _check(_number(o.get("lr"), float) > 0, "optimizer.lr", o.get("lr"), "a positive float")
         _check(self.mode in ("batch", "online"), "mode", self.mode, "batch | online")
         # cross-field checks: what no single group can see
         _check(self.trainer.max_steps > 0 or self.mode == "online", "trainer.max_steps", self.trainer.max_steps,
@@ -150,6 +152,12 @@ class Config:
                self.trainer.grad_accum_steps, "1 with mode=online (each update is the newest records)")
         _check(self.mode == "batch" or self.trainer.precision != "fp16", "trainer.precision", self.trainer.precision,
                "fp32 or bf16 with mode=online")
+
+
+def _number(value: Any, kind: type) -> float:
+    """``value`` as ``kind`` (int or float), or -1 when it is not one (bools are not numbers here)."""
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    return value if ok and not isinstance(value, bool) else -1
 
 
 def _check_target(node: Any, key: str) -> None:
@@ -229,6 +237,8 @@ def compose(overrides: list[str], config_dir: Path) -> Config:
                               or "." not in o.split("=", 1)[0]]
             base = OmegaConf.to_container(hydra_compose(config_name="config", overrides=base_overrides), resolve=True)
     assert isinstance(composed, dict)
+    if "metrics={}" in overrides:  # Hydra merges a dict into a dict: `{}` here means "no metrics"
+        composed["metrics"] = {}
     for node in switched:
         keep = {"_target_", *TARGET_NODES[node], *_explicit(overrides, node)}
         preset = base.get(node) or {}  # type: ignore[union-attr]

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from workers import checkpoint as ck
 from workers import testhooks
+from workers.data.stream import Position, Record, StreamReader, resume_point
 from workers.metrics import build_logger
 from workers.optim import lr_at, set_lr
-from workers.data.stream import Position, Record, StreamReader, resume_point
 from workers.trainer import Trainer, progress_bar
 
 STREAM = "stream"  # checkpoint key: {"world_size": W, "positions": [Position as dict per rank]}

@@ -7,6 +7,7 @@ is the whole scheduler state and the LR can be checked against its formula in a 
 from __future__ import annotations
 
 import math
+
 import torch
 
 from workers.config import ScheduleConfig

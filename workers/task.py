@@ -70,15 +70,12 @@ def _check_keys(fn: Callable, key: str, path: str, keys: dict[str, Any], *positi
     try:
         sig.bind_partial(*positional, **keys)
     except TypeError as e:
-        raise TaskError(f"{key}: {path}{sig} does not accept {sorted(keys)}: {e}. HINT: fix or drop "
-                        f"the {key}.* keys") from None
+        takes = ", ".join(p for p in list(sig.parameters)[len(positional):])
+        raise TaskError(f"{key}: {path}: {e} (it takes: {takes}). HINT: fix or drop that {key}.* key") from None
 
 
 def _node(cfg: Config, key: str) -> tuple[str, dict[str, Any]]:
-    if key.startswith("metrics."):
-        node = cfg.metrics[key.split(".", 1)[1]]
-    else:
-        node = getattr(cfg, key)
+    node = cfg.metrics[key.split(".", 1)[1]] if key.startswith("metrics.") else getattr(cfg, key)
     own = DATA_KEYS if key == "data" else OPTIMIZER_KEYS if key == "optimizer" else ()
     return node["_target_"], kwargs(node, own)
 
@@ -89,13 +86,24 @@ def _nodes(cfg: Config) -> Iterable[str]:
 
 
 def check(cfg: Config) -> None:
-    """Plan-time check of every target: imports, is callable, accepts its keys. Builds nothing."""
+    """Plan-time check of every target: imports, is callable, accepts its keys. Then the model is built on
+    the meta device (shapes only, no memory: a 70B model costs what a small one does) and loss/metric
+    classes are constructed, so a constructor that raises is caught here too. Data is not loaded."""
+    import torch
+
     for key in _nodes(cfg):
         path, keys = _node(cfg, key)
         fn = locate(path, key)
         # an optimizer takes the parameters first; a per-batch function takes (outputs, targets) first
         positional = (None,) if key == "optimizer" else ()
         _check_keys(fn, key, path, keys, *positional)
+        if key == "model" or (key.startswith(("loss", "metrics.")) and inspect.isclass(fn)):
+            try:
+                with torch.device("meta"):
+                    fn(**keys)
+            except Exception as e:
+                where = " (built on the meta device, before any rank starts)" if key == "model" else ""
+                raise TaskError(f"{key}: {path}(**{keys}) raised {type(e).__name__}: {e}{where}") from None
 
 
 def _per_batch(fn: Callable, keys: dict[str, Any]) -> Callable:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -34,19 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config.load(args.run_dir / "config.yaml")
     comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp)
-    try:
-        trainer = OnlineTrainer if cfg.mode == "online" else Trainer
-        trainer(cfg, comm, args.run_dir).train()
-    finally:
-        comm.close()
+    trainer = OnlineTrainer if cfg.mode == "online" else Trainer
+    trainer(cfg, comm, args.run_dir).train()
+    # only after a clean run: closing meets the other ranks at a barrier, which after a failure here would
+    # wait out the collective timeout for peers that are in another collective, or gone
+    comm.close()
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is saved, flushed and closed by now. Skip the interpreter's teardown: C++ destructors
-    # of torch.distributed (gloo's threads) can abort a finished rank there ("terminate called without
-    # an active exception"), which would turn a successful job into a failed one.
+    try:
+        code = main()
+    except SystemExit as e:  # argparse, or a build failure already reported once (trainer.build_once)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # @record has written torchrun's error file; the console gets the traceback
+        traceback.print_exc()
+        code = 1
+    # Everything is saved, flushed and closed by now (or the run failed). Skip the interpreter's teardown:
+    # C++ destructors of torch.distributed (gloo's threads) can abort a finished rank there ("terminate
+    # called without an active exception"), which would turn a successful job into a failed one.
     if "mpi4py.MPI" in sys.modules:  # under mpirun: finalize, or mpirun reports an improper exit
         from mpi4py import MPI
 

@@ -259,6 +259,8 @@ class Trainer:
             logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
             loss_sum, grad_norm = self.train_step(data, want_norm=logging)
             last = self.step == t.max_steps
+            if testhooks.SLOW_STEP_S:
+                time.sleep(testhooks.SLOW_STEP_S)
             bar.update(1)
             metrics.log({"lr": lr}, self.step)  # every step: schedules are checked against their formula
             if logging:
