@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs"
 sys.path.insert(0, str(ROOT))
 
-from workers.config import DataConfig  # noqa: E402
-from workers.data import build_data  # noqa: E402
+from workers.data.builtin import digits  # noqa: E402
 
 RANKS = 2
 BATCH = ["mode=batch", "trainer.max_steps=300", "data.batch_size=32", "trainer.log_every=5"]
@@ -33,7 +32,7 @@ ONLINE = ["mode=online", "online.source=file", "online.batch_size=1", "online.id
 
 def digits_stream(path: Path, passes: int = 2) -> int:
     """The digits training split (never the test split), shuffled, ``passes`` times, as JSON lines."""
-    train = build_data(DataConfig()).train
+    train = digits()[0]
     x, y = train.tensors  # type: ignore[attr-defined]
     order, lines, rng = list(range(len(x))), [], random.Random(0)
     for _ in range(passes):

@@ -61,7 +61,7 @@ def test_dist_env_bad_value_names_the_variable() -> None:
 
 
 def test_no_stray_environ_reads() -> None:
-    """Rank info is read from the environment once (train.py -> dist_env.py); test hooks once (testhooks.py);
+    """Rank info is read from the environment once (train.py -> dist/env.py); test hooks once (testhooks.py);
     the launcher reads it at its edges (cli.py passes it to the pure planner, supervisor.py to children)."""
     allowed = {"env.py", "train.py", "testhooks.py", "mpi_env.py", "cli.py", "supervisor.py"}
     offenders = [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")

@@ -93,6 +93,7 @@ class Trainer:
         self.optimizer = build_once(comm, lambda: task.build_optimizer(cfg, self.net, W, dev.type))
         self.peak = task.peak_lr(cfg, W)
         self.step = 0
+        self.tokens_per_sample = 0  # targets per sample for sequence models (B, T): reported as tokens/s
         config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
@@ -229,6 +230,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=comm.device)
         for micro in range(accum):
             batch = next(data)
+            if not self.tokens_per_sample and isinstance(batch[1], torch.Tensor):
+                self.tokens_per_sample = batch[1][0].numel() if batch[1].dim() > 1 else -1
             with comm.no_sync(model, last_micro_step=micro == accum - 1):
                 loss = self.forward_loss(batch)[0] / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -269,6 +272,8 @@ class Trainer:
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
                 logged = {"train/loss": loss_avg, "perf/samples_per_s": rate, "train/epoch": self.loader.epoch}
+                if self.tokens_per_sample > 0:
+                    logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
                     logged["train/grad_norm"] = grad_norm.item()
                 metrics.log(logged, self.step)
