@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 from bench.common import RESULTS, save
+from bench.data_suite import data
 from bench.suites import SUITES
+
+SUITES = {**SUITES, "data": data}  # bench/data_suite.py
 
 
 def main(argv: list[str] | None = None) -> int:
