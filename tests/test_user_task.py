@@ -21,6 +21,7 @@ from conftest import (
     ROOT,
     assert_bitwise_equal,
     finish,
+    leftover_processes,
     newest_weights,
     rank_pids,
     run_launcher,
@@ -67,6 +68,10 @@ TASK = textwrap.dedent('''
 
     def make_data(n: int = 512, features: int = 8, classes: int = 3):
         return Blobs(n, features, classes, seed=0), Blobs(n // 4, features, classes, seed=1)
+
+
+    def missing_data(path: str = "no/such/file.bin"):
+        return open(path, "rb")  # raises on every rank, after the plan-time checks passed
 ''')
 
 USER = ["model._target_=mytask.Net", "model.features=8", "model.classes=3", "data._target_=mytask.make_data",
@@ -148,6 +153,17 @@ def test_bad_target_from_the_command_line_starts_nothing(user_dir: Path, tmp_pat
         assert not run_dir.exists() and not run_processes(run_dir)
 
 
+@pytest.mark.slow
+def test_build_failing_on_the_ranks_is_reported_once(user_dir: Path, tmp_path: Path) -> None:
+    result = run_launcher(["--gpus", "2", "--run-dir", str(tmp_path / "run"), "data._target_=mytask.missing_data"],
+                          cwd=user_dir)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "building the task failed on rank(s) [0, 1]" in out and "FileNotFoundError" in out
+    assert not [ln for ln in out.splitlines() if ln.startswith("[rank1]:") and "Traceback" in ln]
+    assert not run_processes(tmp_path / "run")
+
+
 # -- real runs -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_user_task_kill_and_resume_is_bitwise_equal_and_sees_each_sample_once(user_dir: Path, tmp_path: Path) -> None:
@@ -180,7 +196,7 @@ def test_user_task_kill_and_resume_is_bitwise_equal_and_sees_each_sample_once(us
         indices = [i for e, i in seen if e == epoch]
         assert sorted(indices) == list(range(512)), f"epoch {epoch}: a sample trained twice or skipped"
     assert_bitwise_equal(newest_weights(split), newest_weights(reference))
-    assert not run_processes(tmp_path)
+    assert leftover_processes(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -199,3 +215,19 @@ def test_user_task_trains_under_other_backends(user_dir: Path, tmp_path: Path, b
 
 def test_user_module_is_found_outside_the_repository(user_dir: Path) -> None:
     assert not str(user_dir).startswith(str(ROOT))
+
+
+@pytest.mark.slow
+def test_readme_train_your_own_model_section_works_as_written(tmp_path: Path) -> None:
+    """The README's "Train your own model" code and command, run as a new user would (fewer steps)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Train your own model", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    command = section.split("```bash\n", 1)[1].split("\n", 2)
+    argv = (command[0].rstrip("\\") + command[1]).split()
+    assert argv[:3] == ["python", "-m", "launcher"] and "--name" in argv
+    (tmp_path / "my_task.py").write_text(code)
+    argv = [a.replace("trainer.max_steps=300", "trainer.max_steps=150") for a in argv[3:]]
+    result = run_launcher([*argv, "--runs-root", str(tmp_path / "runs")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "mine" / "result.json").read_text())["test/accuracy"] > 0.8

@@ -22,7 +22,6 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from workers import config
 from workers.dist import build_comm
 from workers.dist.env import DistEnv
-from workers.online import OnlineTrainer
 from workers.trainer import Trainer
 
 
@@ -35,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config.load(args.run_dir / "config.yaml")
     comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp)
-    trainer = OnlineTrainer if cfg.mode == "online" else Trainer
-    trainer(cfg, comm, args.run_dir).train()
+    Trainer(cfg, comm, args.run_dir).train()  # mode=online: the same loop over a stream (workers/online.py)
     # only after a clean run: closing meets the other ranks at a barrier, which after a failure here would
     # wait out the collective timeout for peers that are in another collective, or gone
     comm.close()

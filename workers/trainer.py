@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,62 @@ from workers.signals import Requests, SignalFlags
 
 SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests
 SCALER = "grad_scaler"  # checkpoint key of the fp16 GradScaler's state
+STOP_SIGNAL = "a stop signal"
+
+
+@dataclass
+class Turn:
+    """What the source says before each step."""
+
+    batches: Iterable[Any] | None = None  # the step's micro-batches, or None: no step this turn
+    save: bool = False  # checkpoint now (a signal, a wall-time interval)
+    stop: bool = False  # checkpoint and leave the loop
+    ended: str = ""  # why it stops, for the closing line
+
+
+class EpochSource:
+    """Batch training: epochs over the dataset through the resumable loader; signals polled every few steps."""
+
+    name = "train"
+    finish_on_stop = False  # a stop signal saves and exits at once: the run resumes later
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.batch_size = int(trainer.cfg.data["batch_size"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trainer.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.loader.load_state_dict(state)
+
+    def start(self) -> None:
+        loader = self.trainer.loader
+        if self.trainer.step and self.trainer.comm.is_main:
+            print(f"resuming from step {self.trainer.step} (epoch {loader.epoch}, sample {loader.position})",
+                  flush=True)
+        self.data = self.trainer.batches()
+
+    def next(self, step: int) -> Turn:
+        # a collective: polling every SIGNAL_POLL_EVERY steps keeps its cost off the step time, and a stop or
+        # save still lands within those few steps of the signal
+        trainer = self.trainer
+        asked = trainer.signals.poll(trainer.comm) if step % SIGNAL_POLL_EVERY == 0 else Requests()
+        return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,
+                    stop=asked.stop, ended=STOP_SIGNAL)
+
+    def before_save(self) -> None:
+        pass
+
+    def trained(self, outputs: torch.Tensor, targets: Any) -> None:
+        pass
+
+    def log(self) -> dict[str, float]:
+        return {"train/epoch": self.trainer.loader.epoch}
+
+    def summary(self, ended: str, result: dict[str, float]) -> tuple[dict[str, float], str]:
+        shown = ", ".join(f"{k.replace('/', ' ')} {v:.4f}" for k, v in result.items()) or "no eval split"
+        return result, f"step {self.trainer.step}: {shown}"
 
 
 class _Lines:
@@ -100,6 +158,13 @@ class Trainer:
                                           "torch_version": str(torch.__version__)},
                                          async_save=t.async_checkpoint)
         self.signals = SignalFlags()
+        self.saved_step = -1  # the step of the newest checkpoint this run saved or resumed from
+        if cfg.mode == "online":
+            from workers.online import StreamSource
+
+            self.source: Any = StreamSource(self)
+        else:
+            self.source = EpochSource(self)
         cuda = dev.type == "cuda"
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         self.autocast = torch.autocast("cuda", dtype=amp) if amp and cuda else contextlib.nullcontext()
@@ -123,7 +188,7 @@ class Trainer:
         state = {
             ck.MODEL: self.net.state_dict(),
             ck.OPTIMIZER: self.optimizer.state_dict(),
-            ck.TRAIN_STATE: {"step": self.step, **self.loader.state_dict()},
+            ck.TRAIN_STATE: {"step": self.step, **self.source.state_dict()},
             ck.RNG: {"torch": torch.get_rng_state(), "python": random.getstate()},
             ck.CONFIG: to_dict(self.cfg),
         }
@@ -134,8 +199,8 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state[ck.MODEL])
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
-        self.step = state[ck.TRAIN_STATE]["step"]
-        self.loader.load_state_dict(state[ck.TRAIN_STATE])
+        self.step = self.saved_step = state[ck.TRAIN_STATE]["step"]
+        self.source.load_state_dict(state[ck.TRAIN_STATE])
         if self.scaler is not None and SCALER in state:
             self.scaler.load_state_dict(state[SCALER])
         if self.comm.is_main:  # other ranks re-seeded deterministically below; rank 0 continues exactly
@@ -195,8 +260,8 @@ class Trainer:
                     sums[2 * i + 1] += n
         totals = (comm.allreduce_mean(sums) * comm.world_size).tolist()
         model.train()
-        return {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names)
-                if totals[2 * i + 1] > 0}
+        out = {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1]}
+        return {**{k: v for k, v in out.items() if k != "test/loss"}, "test/loss": out["test/loss"]}  # metrics first
 
     # -- the loop ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -216,26 +281,24 @@ class Trainer:
         state = self.ckpt.load()
         if state is not None:
             self.restore(state)
-            if comm.is_main:
-                print(f"resuming from step {self.step} (epoch {self.loader.epoch}, sample {self.loader.position})",
-                      flush=True)
         comm.broadcast_state(self.model, self.optimizer)
         random.seed(cfg.seed + comm.rank + self.step)
         if state is None or not comm.is_main:
             torch.manual_seed(cfg.seed + comm.rank + self.step)
 
-    def train_step(self, data: Iterator[Any], want_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def train_step(self, batches: Iterable[Any], want_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over grad_accum_steps micro-batches: (summed loss, grad norm or None)."""
         comm, model, accum = self.comm, self.model, self.cfg.trainer.grad_accum_steps
         loss_sum = torch.zeros((), device=comm.device)
-        for micro in range(accum):
-            batch = next(data)
+        for micro, batch in enumerate(batches):
             if not self.tokens_per_sample and isinstance(batch[1], torch.Tensor):
                 self.tokens_per_sample = batch[1][0].numel() if batch[1].dim() > 1 else -1
             with comm.no_sync(model, last_micro_step=micro == accum - 1):
-                loss = self.forward_loss(batch)[0] / accum
+                loss, outputs, targets = self.forward_loss(batch)
+                loss = loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
+            self.source.trained(outputs.detach(), targets)
         grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, want_norm, self.scaler)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
         self.step += 1
@@ -247,20 +310,46 @@ class Trainer:
             print(summary, flush=True)
             (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
 
+    def checkpoint(self, last: bool = False, force: bool = False) -> float | None:
+        """Save if due or forced (every rank calls it; each step at most once); rank 0's stall in seconds."""
+        due = force or ck.should_save(self.step, last, self.cfg.trainer.checkpoint_every)
+        if not due or self.saved_step == self.step:
+            return None
+        self.source.before_save()
+        self.saved_step = self.step
+        return self.ckpt.save(self.step, last, self.state, force=force)
+
     def train(self) -> dict[str, float]:
-        cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
+        cfg, comm, t, source = self.cfg, self.comm, self.cfg.trainer, self.source
         self.prepare()
+        source.start()
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
-        data = self.batches()
-        samples_per_step = int(cfg.data["batch_size"]) * t.grad_accum_steps * comm.world_size
-        bar = progress_bar(t.max_steps, self.step, comm.is_main, "train")
+
+        def saved(stall: float | None, forced: bool = False) -> None:
+            if stall is not None:  # rank 0 only
+                metrics.log({"perf/checkpoint_stall_ms": stall * 1e3}, self.step)
+                mode = "async" if t.async_checkpoint and not forced and self.step != t.max_steps else "sync"
+                tqdm.write(f"checkpoint step {self.step}: training stalled {stall * 1e3:.1f} ms ({mode})",
+                           file=sys.stdout)
+
+        samples_per_step = source.batch_size * t.grad_accum_steps * comm.world_size
+        bar = progress_bar(t.max_steps or None, self.step, comm.is_main, source.name)
         result: dict[str, float] = {}
+        ended = "max_steps"
         tick, tick_step = time.perf_counter(), self.step
-        while self.step < t.max_steps:
-            lr = lr_at(self.step, self.peak, cfg.schedule, t.max_steps)
+        while not t.max_steps or self.step < t.max_steps:  # max_steps=0: until the stream ends (online)
+            turn = source.next(self.step)
+            if turn.save or turn.stop:
+                saved(self.checkpoint(force=True), forced=True)
+            if turn.stop:
+                ended = turn.ended
+                break
+            if turn.batches is None:
+                continue
+            lr = lr_at(self.step, self.peak, cfg.schedule, t.max_steps or sys.maxsize)
             set_lr(self.optimizer, lr)
             logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-            loss_sum, grad_norm = self.train_step(data, want_norm=logging)
+            loss_sum, grad_norm = self.train_step(turn.batches, want_norm=logging)
             last = self.step == t.max_steps
             if testhooks.SLOW_STEP_S:
                 time.sleep(testhooks.SLOW_STEP_S)
@@ -271,36 +360,33 @@ class Trainer:
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
-                logged = {"train/loss": loss_avg, "perf/samples_per_s": rate, "train/epoch": self.loader.epoch}
+                logged = {"train/loss": loss_avg, "perf/samples_per_s": rate, **source.log()}
                 if self.tokens_per_sample > 0:
                     logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
                     logged["train/grad_norm"] = grad_norm.item()
                 metrics.log(logged, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
-            # a collective: polling every SIGNAL_POLL_EVERY steps keeps its cost off the step time, and
-            # a stop or save still lands within those few steps of the signal
-            asked = self.signals.poll(comm) if self.step % SIGNAL_POLL_EVERY == 0 else Requests()
-            stall = self.ckpt.save(self.step, last, self.state, force=asked.stop or asked.save)
-            if stall is not None:  # rank 0 only
-                metrics.log({"perf/checkpoint_stall_ms": stall * 1e3}, self.step)
-                mode = "async" if t.async_checkpoint and not (last or asked.stop or asked.save) else "sync"
-                tqdm.write(f"checkpoint step {self.step}: training stalled {stall * 1e3:.1f} ms ({mode})",
-                           file=sys.stdout)
-            if asked.stop:
-                if comm.is_main:
-                    print(f"stopping on request at step {self.step}: checkpoint saved", flush=True)
-                break
+            saved(self.checkpoint(last=last))
             if self.step % t.eval_every == 0 or last:
                 result = self.evaluate()
                 metrics.log(result, self.step)
         bar.close()
-        if self.step < t.max_steps:  # stopped by a signal: no final evaluation, exit quickly
+        if ended == STOP_SIGNAL and not source.finish_on_stop:  # saved above; no final evaluation, exit quickly
+            if comm.is_main:
+                print(f"stopping on request at step {self.step}: checkpoint saved", flush=True)
             metrics.close()
+            self.loader.close()
             return result
-        result = result or self.evaluate()
-        shown = ", ".join(f"{k.replace('/', ' ')} {v:.4f}" for k, v in result.items()) or "no eval split"
-        self.finish(result, f"step {self.step}: {shown}")
+        saved(self.checkpoint(last=True, force=True), forced=True)  # the end, however it came
+        fresh = ended != "max_steps" or not result  # else the last step's evaluation is the result
+        if fresh:
+            result = self.evaluate()
+        result, line = source.summary(ended, result)
+        self.finish(result, line)
+        if fresh or source.finish_on_stop:
+            metrics.log(result, self.step)
         metrics.hparams(flatten(to_dict(cfg)), {"hparam/" + k: v for k, v in result.items()})
         metrics.close()
+        self.loader.close()
         return result

@@ -98,6 +98,14 @@ class TrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["epoch_pos"]
 
+    def close(self) -> None:
+        """Stop the worker processes now (persistent workers otherwise outlive a rank that exits with os._exit
+        by the seconds their parent-death watchdog takes)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None  # type: ignore[attr-defined]
+
     def record_indices(self) -> deque[list[int]]:
         """From now on, the dataset indices of each batch, in the order the loop takes them."""
         self.batches.handed = deque()
