@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from workers import testhooks
 from workers.data.stream import Position, Record, StreamReader, resume_point
+from workers.sources import STOP_SIGNAL, Turn
 
 if TYPE_CHECKING:
-    from workers.trainer import Trainer, Turn
+    from workers.trainer import Trainer
 
 
 class StreamSource:
@@ -79,8 +80,6 @@ class StreamSource:
 
     def next(self, step: int) -> Turn:
         """Agree with the other ranks on this turn: train, wait for records, save, or stop."""
-        from workers.trainer import Turn
-
         reader, signals = self.reader, self.trainer.signals
         has_batch = reader.fill(self.o.poll_s)
         clock_due = self.comm.is_main and 0 < self.o.checkpoint_every_s < time.monotonic() - self.last_save
@@ -90,7 +89,7 @@ class StreamSource:
         if save:
             signals.mark_saved()
         if stop or idle:
-            why = ("a stop signal" if stop else "the stream ended" if reader.finished()
+            why = (STOP_SIGNAL if stop else "the stream ended" if reader.finished()
                    else f"the stream was silent for {self.o.idle_timeout_s:g}s")
             return Turn(stop=True, ended=why)
         if missing:  # someone's batch is not complete yet: wait together (saving first if asked)

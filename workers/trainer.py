@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import random
@@ -18,7 +17,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,66 +32,10 @@ from workers.dist import preflight
 from workers.dist.comm import Comm
 from workers.metrics import build_logger, flatten
 from workers.optim import lr_at, set_lr
-from workers.signals import Requests, SignalFlags
+from workers.signals import SignalFlags
+from workers.sources import STOP_SIGNAL, EpochSource
 
-SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests
 SCALER = "grad_scaler"  # checkpoint key of the fp16 GradScaler's state
-STOP_SIGNAL = "a stop signal"
-
-
-@dataclass
-class Turn:
-    """What the source says before each step."""
-
-    batches: Iterable[Any] | None = None  # the step's micro-batches, or None: no step this turn
-    save: bool = False  # checkpoint now (a signal, a wall-time interval)
-    stop: bool = False  # checkpoint and leave the loop
-    ended: str = ""  # why it stops, for the closing line
-
-
-class EpochSource:
-    """Batch training: epochs over the dataset through the resumable loader; signals polled every few steps."""
-
-    name = "train"
-    finish_on_stop = False  # a stop signal saves and exits at once: the run resumes later
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.batch_size = int(trainer.cfg.data["batch_size"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.trainer.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.trainer.loader.load_state_dict(state)
-
-    def start(self) -> None:
-        loader = self.trainer.loader
-        if self.trainer.step and self.trainer.comm.is_main:
-            print(f"resuming from step {self.trainer.step} (epoch {loader.epoch}, sample {loader.position})",
-                  flush=True)
-        self.data = self.trainer.batches()
-
-    def next(self, step: int) -> Turn:
-        # a collective: polling every SIGNAL_POLL_EVERY steps keeps its cost off the step time, and a stop or
-        # save still lands within those few steps of the signal
-        trainer = self.trainer
-        asked = trainer.signals.poll(trainer.comm) if step % SIGNAL_POLL_EVERY == 0 else Requests()
-        return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,
-                    stop=asked.stop, ended=STOP_SIGNAL)
-
-    def before_save(self) -> None:
-        pass
-
-    def trained(self, outputs: torch.Tensor, targets: Any) -> None:
-        pass
-
-    def log(self) -> dict[str, float]:
-        return {"train/epoch": self.trainer.loader.epoch}
-
-    def summary(self, ended: str, result: dict[str, float]) -> tuple[dict[str, float], str]:
-        shown = ", ".join(f"{k.replace('/', ' ')} {v:.4f}" for k, v in result.items()) or "no eval split"
-        return result, f"step {self.trainer.step}: {shown}"
 
 
 class _Lines:
