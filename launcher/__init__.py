@@ -4,6 +4,7 @@ Usage::
 
     python -m launcher --gpus 2                                  # built-in trainer, default config
     python -m launcher --gpus 2 optimizer=sgd optimizer.lr=0.05 trainer.max_steps=300
+    python -m launcher --gpus 2 model._target_=my_pkg.Net model.width=64 data._target_=my_pkg.make_data
     python -m launcher --nodes 2 --gpus 8 --node-rank 0 --master-addr 10.0.0.1   # run on each node
     python -m launcher --hostfile hosts.txt --gpus 8             # from one node: ssh to every host
     python -m launcher --slurm --nodes 2 --gpus 8 --partition gpu --time 04:00:00   # sbatch it
@@ -15,9 +16,14 @@ Usage::
 ``--gpus`` is ranks per node. With CUDA each rank gets one GPU (its LOCAL_RANK) and talks NCCL;
 without CUDA the ranks run on the CPU and talk gloo, and the launcher says so.
 
-Config: Hydra groups in ``configs/`` (model, data, optimizer, schedule, trainer); overrides are
-``KEY=VALUE`` words. They are checked before anything starts: a bad key or value exits with status
-2 and one line naming it.
+Config: Hydra groups in ``configs/`` (model, data, optimizer, schedule, trainer) hold every default;
+overrides are ``KEY=VALUE`` words. The user's parts are ``_target_`` nodes: ``model`` (any nn.Module),
+``data`` (a function returning (train, eval) datasets; ``data.num_workers`` etc. are the loader's),
+``loss``, ``metrics``, ``optimizer`` (any torch.optim class); their other keys are the target's
+arguments, and setting ``_target_`` on the command line drops the preset's keys. ``--config-dir DIR``
+for your own groups. All of it is checked before anything starts: a bad key or value, a target that
+does not import or take its keys, or a model whose constructor raises (built on the meta device)
+exits with status 2 and one line naming it.
 
 Run directory (``runs/<name or timestamp>/``, or ``--run-dir``): ``config.yaml`` (the resolved
 config every rank trains), ``plan.json`` (these commands), ``logs/`` (per-rank stdout/stderr),

@@ -81,6 +81,17 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return tb_scalars(run_dir)[tag]
 
 
+def seen_samples(log_dir: Path) -> list[tuple[int, int]]:
+    """(epoch, dataset index) of every sample any rank trained on, from the sample-log test hook
+    (LAUNCHER_TEST_SAMPLE_LOG)."""
+    out = []
+    for path in log_dir.glob("rank*.txt"):
+        for line in path.read_text().splitlines():
+            epoch, *idx = map(int, line.split())
+            out += [(epoch, i) for i in idx]
+    return out
+
+
 def newest_checkpoint(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
 

@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_bitwise_equal, finish, newest_weights, rank_pids, run_processes, start, wait_for
+from conftest import (
+    assert_bitwise_equal,
+    finish,
+    newest_weights,
+    rank_pids,
+    run_processes,
+    seen_samples,
+    start,
+    wait_for,
+)
 
 from workers.data.sampler import ResumableSampler
 
@@ -162,16 +171,6 @@ def test_second_sigint_kills_at_once(tmp_path: Path) -> None:
     assert not run_processes(tmp_path)
 
 
-def _seen(log_dir: Path) -> list[tuple[int, int]]:
-    """(epoch, dataset index) of every sample any rank trained on, from the sample-log test hook."""
-    out = []
-    for path in log_dir.glob("rank*.txt"):
-        for line in path.read_text().splitlines():
-            epoch, *idx = map(int, line.split())
-            out += [(epoch, i) for i in idx]
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("before", "after", "steps_before", "steps_after"), [(4, 2, 5, 17), (2, 1, 10, 34)])
 def test_resume_on_another_world_size_trains_each_sample_once(
@@ -188,7 +187,7 @@ def test_resume_on_another_world_size_trains_each_sample_once(
     code, out, err = finish(start(run_dir, *common, f"trainer.max_steps={steps_after}", gpus=after, env=hook))
     assert code == 0, err[-2000:]
     assert f"resuming from step {steps_before}" in out
-    seen = _seen(logs)
+    seen = seen_samples(logs)
     assert {e for e, _ in seen} == {0}
     indices = [i for _, i in seen]
     assert len(indices) == len(set(indices)), "a sample was trained twice in the epoch"

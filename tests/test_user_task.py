@@ -26,6 +26,7 @@ from conftest import (
     rank_pids,
     run_launcher,
     run_processes,
+    seen_samples,
     wait_for,
 )
 
@@ -97,15 +98,6 @@ def _start(user_dir: Path, run_dir: Path, *args: str, env: dict[str, str] | None
 def _run(user_dir: Path, run_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
     code, out, err = finish(_start(user_dir, run_dir, *args, env=env))
     assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
-    return out
-
-
-def _seen(log_dir: Path) -> list[tuple[int, int]]:
-    out = []
-    for path in log_dir.glob("rank*.txt"):
-        for line in path.read_text().splitlines():
-            epoch, *idx = map(int, line.split())
-            out += [(epoch, i) for i in idx]
     return out
 
 
@@ -191,7 +183,7 @@ def test_user_task_kill_and_resume_is_bitwise_equal_and_sees_each_sample_once(us
     _run(user_dir, split, *every, "trainer.max_steps=11", env={"LAUNCHER_TEST_SAMPLE_LOG": str(logs)})
     out = _run(user_dir, split, *every, "trainer.max_steps=24", env={"LAUNCHER_TEST_SAMPLE_LOG": str(logs)})
     assert "resuming from step 11" in out
-    seen = _seen(logs)
+    seen = seen_samples(logs)
     for epoch in (0, 1, 2):
         indices = [i for e, i in seen if e == epoch]
         assert sorted(indices) == list(range(512)), f"epoch {epoch}: a sample trained twice or skipped"

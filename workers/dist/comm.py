@@ -55,3 +55,17 @@ def clip_grads(model: nn.Module, max_norm: float, want_norm: bool) -> torch.Tens
     if want_norm:
         return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
     return None
+
+
+def unscale_clip_step(optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float, want_norm: bool,
+                      scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """Clip (the true gradients: unscaled first under fp16) and step; a GradScaler skips a step with inf/NaN."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = clip_grads(model, max_norm, want_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.rendezvous import rendezvous
 
 from workers.config import DDPConfig
-from workers.dist.comm import clip_grads, pick_device
+from workers.dist.comm import pick_device, unscale_clip_step
 from workers.dist.env import DistEnv
 
 
@@ -45,15 +45,7 @@ class SingleProcessComm:
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
                       want_norm: bool, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
-        if scaler is not None:  # fp16: clip the true gradients, and skip the step on inf/NaN
-            scaler.unscale_(optimizer)
-        norm = clip_grads(model, max_norm, want_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        return norm
+        return unscale_clip_step(optimizer, model, max_norm, want_norm, scaler)
 
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

@@ -9,7 +9,7 @@ import horovod.torch as hvd
 import torch
 from torch import nn
 
-from workers.dist.comm import clip_grads, pick_device
+from workers.dist.comm import pick_device, unscale_clip_step
 from workers.dist.ddp import SingleProcessComm
 
 
@@ -47,16 +47,8 @@ class HorovodComm(SingleProcessComm):
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,
                       want_norm: bool, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
         optimizer.synchronize()  # finish the allreduce so that clipping sees averaged gradients
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        norm = clip_grads(model, max_norm, want_norm)
         with optimizer.skip_synchronize():
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-        return norm
+            return unscale_clip_step(optimizer, model, max_norm, want_norm, scaler)
 
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return hvd.allreduce(tensor.detach(), op=hvd.Average)
