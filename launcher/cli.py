@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from launcher import __doc__ as MANUAL
-from launcher import slurm_env, slurm_submit
+from launcher import resume, slurm_env, slurm_submit
 from launcher.backends import backend_names, get_backend
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
@@ -167,8 +167,9 @@ def describe(plan: LaunchPlan) -> str:
     return "\n".join(lines)
 
 
-def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool) -> None:
-    """Write the resolved config and the plan. --no-resume moves old state aside; nothing is deleted."""
+def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, history: Path | None = None) -> None:
+    """Write the resolved config and the plan. --no-resume moves old state aside; nothing is deleted.
+    ``history``: where the config a resumed run replaces is kept (resume.check)."""
     run_dir = plan.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} is a file. HINT: pass another --run-dir or --name")
@@ -186,6 +187,9 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool) -> N
             for d in old:
                 d.rename(aside / d.name)
             print(f"launcher: --no-resume: moved earlier {', '.join(d.name for d in old)} to {aside}")
+    if history is not None:
+        history.parent.mkdir(exist_ok=True)
+        (run_dir / "config.yaml").replace(history)
     if config_yaml is not None:
         (run_dir / "config.yaml").write_text(config_yaml)
     record = {k: v for k, v in asdict(plan).items() if k != "commands"}
@@ -217,6 +221,7 @@ def run(argv: list[str]) -> int:
     plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
                        cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ,
                        is_root=os.geteuid() == 0)
+    history = resume.check(plan.run_dir, cfg, args.no_resume) if cfg is not None else None
     if args.dry_run:
         print("launcher: dry run, nothing started\n" + describe(plan))
         return 0
@@ -231,7 +236,7 @@ def run(argv: list[str]) -> int:
     if remote_hosts and alloc is None:  # before anything starts: every host answers over ssh (Slurm: srun)
         check_hosts(remote_hosts, config=plan.ssh_config, timeout=plan.ssh_timeout, workdir=plan.workdir,
                     python=plan.python)
-    prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=args.no_resume)
+    prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=args.no_resume, history=history)
     if plan.device == "cpu":
         print(f"launcher: no CUDA device found: running {plan.nproc_per_node} CPU rank(s) per node on gloo")
     print("launcher: starting\n" + describe(plan), flush=True)

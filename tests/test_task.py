@@ -105,3 +105,15 @@ def test_loader_position_counts_taken_batches_and_resumes_there() -> None:
     resumed.load_state_dict(cut.state_dict())
     assert head + _take(resumed, 7) == whole
     assert loader_kwargs({"num_workers": 0, "pin_memory": True}, cpu) == {"num_workers": 0, "pin_memory": False}
+
+
+def test_resume_check_tells_structural_from_harmless_changes() -> None:
+    from launcher.resume import changed_keys
+
+    base = compose_config([])
+    structural, harmless = changed_keys(base, compose_config(["model.hidden=64", "trainer.max_steps=9",
+                                                              "optimizer.lr=0.01", "data.num_workers=2"]))
+    assert structural == ["model.hidden"]
+    assert harmless == ["data.num_workers", "optimizer.lr", "trainer.max_steps"]
+    assert changed_keys(base, compose_config(["optimizer=sgd"]))[0] == ["optimizer._target_"]
+    assert changed_keys(base, compose_config(["mode=online", "trainer.max_steps=0"]))[0] == ["mode"]

@@ -223,3 +223,22 @@ def test_readme_train_your_own_model_section_works_as_written(tmp_path: Path) ->
     result = run_launcher([*argv, "--runs-root", str(tmp_path / "runs")], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "runs" / "mine" / "result.json").read_text())["test/accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_is_refused_and_harmless_changes_are_kept(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = ["--gpus", "2", "--run-dir", str(run_dir), "trainer.checkpoint_every=10", "trainer.eval_every=1000"]
+    assert run_launcher([*common, "trainer.max_steps=20"]).returncode == 0
+    before = (run_dir / "config.yaml").read_bytes()
+    for changed, keys in ((["model.hidden=64"], "model.hidden"), (["optimizer=sgd"], "optimizer._target_"),
+                          (["data=synthetic"], "data._target_")):
+        result = run_launcher([*common, "trainer.max_steps=30", *changed])
+        assert result.returncode == 2 and keys in result.stderr and "--no-resume" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert (run_dir / "config.yaml").read_bytes() == before
+    result = run_launcher([*common, "trainer.max_steps=30", "schedule=cosine", "optimizer.lr=0.001"])
+    assert result.returncode == 0 and "resuming from step 20" in result.stdout
+    history = list((run_dir / "config_history").glob("config-*.yaml"))
+    assert [p.read_bytes() for p in history] == [before]
+    assert "max_steps: 30" in (run_dir / "config.yaml").read_text()
