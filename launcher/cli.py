@@ -140,7 +140,8 @@ def options_from_args(args: argparse.Namespace, program: list[str],
     if args.hostfile is not None:
         hosts += parse_hostfile(args.hostfile)
     return LaunchOptions(
-        backend=args.backend, nodes=args.nodes or 1, gpus=args.gpus, node_rank=args.node_rank,
+        backend=args.backend, nodes=1 if args.nodes is None else args.nodes, gpus=args.gpus,
+        node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, hosts=tuple(hosts),
         controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,5 +106,20 @@ def test_horovod_missing_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> No
     from launcher.backends.horovodrun import HorovodBackend
 
     monkeypatch.setenv("PATH", "/nonexistent")  # no horovodrun on PATH
+    monkeypatch.setattr(sys, "executable", "/nonexistent/bin/python3")  # nor beside the interpreter
     problem = HorovodBackend().check_available()
     assert problem is not None and "scripts/install_horovod.sh" in problem
+
+
+def test_runners_beside_the_interpreter_come_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A venv that is not activated: its horovodrun/mpirun are used, not the PATH's (or none)."""
+    from launcher.backends import find_runner, runner
+
+    (tmp_path / "python3").touch()
+    for name in ("horovodrun", "mpirun"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert runner("mpirun", str(tmp_path / "python3")) == str(tmp_path / "mpirun")
+    assert find_runner("horovodrun", str(tmp_path / "python3")) == str(tmp_path / "horovodrun")
+    assert runner("mpirun", "/nonexistent/bin/python3") == "mpirun"  # else PATH, at start

@@ -13,6 +13,8 @@ import pytest
 from conftest import run_launcher
 
 from launcher.cli import main
+from launcher.config import compose_config
+from workers.config import to_yaml
 
 # A script that leaves a mark if anything ever runs it: proof that bad input started no rank.
 SENTINEL = "import os, pathlib; pathlib.Path(os.environ['SENTINEL_DIR'], os.environ.get('RANK', 'x')).touch()\n"
@@ -97,7 +99,7 @@ def test_bad_flags_start_no_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def _existing_run(run_dir: Path) -> dict[Path, bytes]:
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "tb").mkdir()
-    files = {run_dir / "config.yaml": b"trainer:\n  max_steps: 7\n",
+    files = {run_dir / "config.yaml": to_yaml(compose_config(["trainer.max_steps=7"])).encode(),
              run_dir / "checkpoints" / "step-00000007.pt": b"weights",
              run_dir / "checkpoints" / "step-00000007.json": b'{"step": 7}',
              run_dir / "tb" / "events.out.tfevents.1": b"events",
@@ -160,10 +162,10 @@ def test_dry_run_prints_the_commands_and_starts_nothing(tmp_path: Path) -> None:
         (["--nodes", "2", "--gpus", "4", "--node-rank", "1", "--master-addr", "10.0.0.1"],
          ["--nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500", "--rdzv-conf is_host=0",
           "world size      8"]),
-        (["--backend", "horovod", "--gpus", "2"], ["cmd: horovodrun -np 2 -H localhost:2 --gloo"]),
+        (["--backend", "horovod", "--gpus", "2"], ["horovodrun -np 2 -H localhost:2 --gloo"]),
         (["--backend", "horovod", "--gpus", "8", "--hosts", "node1,node2", "--controller", "mpi"],
-         ["cmd: horovodrun -np 16 -H node1:8,node2:8 --mpi"]),
-        (["--backend", "mpi", "--gpus", "2"], ["cmd: mpirun -np 2 -H localhost:2 --bind-to none"]),
+         ["horovodrun -np 16 -H node1:8,node2:8 --mpi"]),
+        (["--backend", "mpi", "--gpus", "2"], ["mpirun -np 2 -H localhost:2 --bind-to none"]),
     ],
     ids=["multi-node", "horovod", "horovod-hosts", "mpi"],
 )

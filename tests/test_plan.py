@@ -11,7 +11,7 @@ from launcher.errors import UsageError
 from launcher.plan import DEFAULT_MASTER_PORT, LaunchOptions, plan_launch
 
 RUN = Path("/runs/r1")
-PY = "/usr/bin/python3"
+PY = "/opt/venv/bin/python3"  # no runner beside it: the argv names horovodrun/mpirun, found on PATH
 FREE_PORT = 41000
 TRAINER = ("-m", "workers.train", "--run-dir", str(RUN))
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Protocol
 
 from launcher.errors import UsageError
@@ -18,6 +22,18 @@ class Backend(Protocol):
     def check_available(self) -> str | None:
         """None when this machine can run the backend, else a one-line error with the fix."""
         ...
+
+
+def runner(name: str, python: str) -> str:
+    """The runner (horovodrun, mpirun) to start: the one beside the Python that runs the ranks — a venv's own,
+    also when the venv is not activated — else ``name``, found on PATH when it starts."""
+    beside = Path(python).parent / name
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else name
+
+
+def find_runner(name: str, python: str | None = None) -> str | None:
+    """Where :func:`runner` will find it (``python``: this interpreter by default); None if nowhere."""
+    return shutil.which(runner(name, python or sys.executable))
 
 
 def _registry() -> dict[str, Backend]:

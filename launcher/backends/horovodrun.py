@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
+from launcher.backends import find_runner, runner
 from launcher.plan import Cmd, LaunchPlan
 
 INSTALL_HINT = "HINT: bash scripts/install_horovod.sh (builds horovod 0.28.1 with the C++17 fix)"
@@ -17,7 +17,7 @@ class HorovodBackend:
     def build_commands(self, plan: LaunchPlan) -> list[Cmd]:
         hosts = plan.hosts or (("localhost", plan.nproc_per_node),)
         argv = [
-            "horovodrun",
+            runner("horovodrun", plan.python),
             "-np", str(plan.world_size),
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
             f"--{plan.controller}",
@@ -33,7 +33,7 @@ class HorovodBackend:
 
     def check_available(self) -> str | None:
         spec = importlib.util.find_spec("horovod")
-        if spec is None or not spec.submodule_search_locations or shutil.which("horovodrun") is None:
+        if spec is None or not spec.submodule_search_locations or find_runner("horovodrun") is None:
             return f"horovod is not installed. {INSTALL_HINT}"
         # what `horovodrun --check-build` reports as "[X] PyTorch", without its seconds of imports:
         # the compiled PyTorch extension is there

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
+from launcher.backends import find_runner, runner
 from launcher.plan import Cmd, LaunchPlan
 
 INSTALL_HINT = "HINT: apt-get install openmpi-bin libopenmpi-dev && pip install mpi4py"
@@ -15,7 +15,8 @@ class MpirunBackend:
 
     def build_commands(self, plan: LaunchPlan) -> list[Cmd]:
         hosts = plan.hosts or (("localhost", plan.nproc_per_node),)
-        argv = ["mpirun", "-np", str(plan.world_size), "-H", ",".join(f"{h}:{n}" for h, n in hosts),
+        argv = [runner("mpirun", plan.python), "-np", str(plan.world_size),
+                "-H", ",".join(f"{h}:{n}" for h, n in hosts),
                 "--bind-to", "none",  # each rank sets its own threads; MPI's core binding would pin them all to one
                 "--tag-output",  # [job,rank]<stdout>: prefix per line
                 "--output-filename", str(plan.run_dir / "logs" / "mpi")]  # per-rank stdout/stderr files
@@ -36,7 +37,7 @@ class MpirunBackend:
         return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker)]
 
     def check_available(self) -> str | None:
-        if shutil.which("mpirun") is None:
+        if find_runner("mpirun") is None:
             return f"mpirun not found. {INSTALL_HINT}"
         if importlib.util.find_spec("mpi4py") is None:
             return f"mpi4py is not installed. {INSTALL_HINT}"
