@@ -41,11 +41,11 @@ def one_node_losses(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int,
     return scalars(run_dir, "train/loss")
 
 
-def start_on(hosts: Hosts | None, run_dir: Path, *args: str, node: int = 0) -> subprocess.Popen:
+def start_on(hosts: Hosts | None, run_dir: Path, *args: str, node: int = 0, cwd: Path = ROOT) -> subprocess.Popen:
     """``python -m launcher ARGS`` on host ``node`` (or plainly, without hosts)."""
     argv = [sys.executable, "-m", "launcher", "--run-dir", str(run_dir), *args]
     env = {**os.environ, **(ENV if hosts else {})}
-    return subprocess.Popen(hosts.exec_argv(node, argv) if hosts else argv, cwd=ROOT, text=True,
+    return subprocess.Popen(hosts.exec_argv(node, argv) if hosts else argv, cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
@@ -70,6 +70,23 @@ def test_per_node_mode_one_launcher_per_host(hosts: Hosts, tmp_path: Path, one_n
         code, out, err = finish(proc)
         assert code == 0, out[-2000:] + err[-2000:]
     assert_same_losses(run_dir, one_node_losses)
+
+
+def test_ssh_fan_out_trains_the_users_module_from_the_working_directory(hosts: Hosts, tmp_path: Path) -> None:
+    """The user's model lives in the directory the launcher runs from (outside the repository): the ranks on
+    both hosts import it from there."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mynet.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Sequential):\n    def __init__(self, hidden: int) -> None:\n"
+        "        super().__init__(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))\n")
+    run_dir = tmp_path / "run"
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")), "--ssh-config",
+                    str(hosts.ssh_config), "--master-port", "29613", *SHORT, "model._target_=mynet.Net",
+                    "model.hidden=32", cwd=project)
+    code, out, err = finish(proc)
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert (run_dir / "result.json").exists() and "mynet.Net" in (run_dir / "config.yaml").read_text()
 
 
 def test_ssh_fan_out_from_one_host(hosts: Hosts, tmp_path: Path, one_node_losses: list) -> None:
