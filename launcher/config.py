@@ -20,7 +20,7 @@ def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR) 
     if not (config_dir / "config.yaml").is_file():
         raise UsageError(f"no config.yaml in --config-dir {config_dir}")
     try:
-        cfg = schema.compose(overrides, config_dir)
+        cfg = schema.compose(overrides, config_dir, builtin=DEFAULT_CONFIG_DIR)
     except (HydraException, OmegaConfBaseException, schema.ConfigError) as e:
         lines = [ln.strip().rstrip(".") for ln in str(e).strip().splitlines()[:2] if ln.strip()]
         reason = ": ".join(lines) or type(e).__name__

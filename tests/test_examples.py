@@ -67,16 +67,21 @@ def test_readme_shows_each_documented_command() -> None:
         assert documented(example) in readme, example
 
 
-def test_image_folder_config_dir_composes_like_the_builtin_one() -> None:
-    """The example's conf/ restates every key the schema needs; a new key in configs/ must be added there too."""
-    from workers.config import compose
+def test_image_folder_config_dir_builds_on_the_builtin_defaults() -> None:
+    """The example's conf/ includes the built-in `base` and overrides only what differs; built-in groups
+    are still there to choose."""
+    from launcher.config import compose_config
 
-    builtin = compose([], ROOT / "configs")
-    own = compose(["data.root=/nowhere"], ROOT / "examples" / "image_folder" / "conf")
+    builtin = compose_config([])
+    own = compose_config(["data.root=/nowhere"], ROOT / "examples" / "image_folder" / "conf")
     assert own.model["_target_"] == "examples.image_folder.model.ResNet"
-    assert own.data["_target_"] == "examples.image_folder.data.make_data"
+    assert own.data["_target_"] == "examples.image_folder.data.make_data" and own.data["num_workers"] == 2
+    assert own.optimizer["_target_"] == "torch.optim.AdamW" and own.optimizer["lr"] == 0.003
+    assert own.schedule.name == "cosine" and own.trainer.max_steps == 300
     for key in ("loss", "metrics", "ddp", "online", "seed", "mode"):
         assert getattr(own, key) == getattr(builtin, key), key
+    sgd = compose_config(["data.root=/nowhere", "optimizer=sgd"], ROOT / "examples" / "image_folder" / "conf")
+    assert sgd.optimizer["_target_"] == "torch.optim.SGD"
 
 
 def test_image_folder_data_reads_the_generated_folder(tmp_path: Path) -> None:

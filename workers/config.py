@@ -219,8 +219,11 @@ def _user_overrides(overrides: list[str]) -> list[str]:
             and "." in o.split("=", 1)[0] else o for o in overrides]
 
 
-def compose(overrides: list[str], config_dir: Path) -> Config:
+def compose(overrides: list[str], config_dir: Path, builtin: Path | None = None) -> Config:
     """``configs/`` + command-line overrides -> a checked Config (Hydra, composed once).
+
+    ``builtin``: the built-in config directory, put on Hydra's search path behind ``config_dir`` (a user's
+    ``--config-dir``), whose ``config.yaml`` can then include ``base`` and pick built-in groups.
 
     When an override changes a node's ``_target_`` (``model._target_=my_pkg.Net``), the keys the
     group's preset gave for its own target are dropped, so only the keys written on the command line
@@ -229,6 +232,8 @@ def compose(overrides: list[str], config_dir: Path) -> Config:
     from hydra import initialize_config_dir
 
     user = _user_overrides(overrides)
+    if builtin is not None and builtin.resolve() != config_dir.resolve():
+        user.append(f"hydra.searchpath=['file://{builtin.resolve()}']")
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
         composed = OmegaConf.to_container(hydra_compose(config_name="config", overrides=user), resolve=True)
         switched = [n for n in TARGET_NODES if f"{n}._target_" in {o.lstrip("+").split("=", 1)[0] for o in user}]
