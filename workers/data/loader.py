@@ -119,7 +119,10 @@ class TrainLoader:
         epoch, position = self.epoch, self.position
         while True:
             self.sampler.set_epoch(epoch, start=position)
-            self.generator.manual_seed(self.seed + 100_003 * epoch + self.rank)
+            # worker processes seed their RNGs from this when they start (once, with persistent workers): the
+            # same per rank in every run, so identical runs match. Random augmentation that must also match
+            # across a mid-epoch resume should derive its randomness from the sample index.
+            self.generator.manual_seed(self.seed * 1_000_003 + self.rank)
             yield from self.loader
             epoch, position = epoch + 1, 0
 
