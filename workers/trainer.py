@@ -88,7 +88,7 @@ class Trainer:
         random.seed(cfg.seed)
         self.channels_last = t.channels_last and dev.type == "cuda"
         # self.net: the bare module, for state dicts; self.model: what trains (DDP-wrapped, compiled)
-        self.net, self.train_set, self.eval_set, self.loss_fn, self.metric_fns = build_once(comm, self._build)
+        self.net, self.eval_set, self.loss_fn, self.metric_fns = build_once(comm, self._build)
         self.model = self.net
         self.optimizer = build_once(comm, lambda: task.build_optimizer(cfg, self.net, W, dev.type))
         self.peak = task.peak_lr(cfg, W)
@@ -123,7 +123,7 @@ class Trainer:
         train, evaluation = task.build_data(cfg)
         self.loader = TrainLoader(train, int(cfg.data["batch_size"]), self.comm.world_size, self.comm.rank, cfg.seed,
                                   dev, loader_kwargs(cfg.data, dev), self.channels_last)
-        return model, train, evaluation, task.build_loss(cfg), task.build_metrics(cfg)
+        return model, evaluation, task.build_loss(cfg), task.build_metrics(cfg)
 
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
