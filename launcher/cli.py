@@ -9,7 +9,7 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,46 +29,64 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}. HINT: python -m launcher --help")
 
 
+def _number(kind: type, low: float, high: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: ``kind`` within [low, high]; anything else is a usage error naming the range."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not low <= value <= high or value != value:  # value != value: NaN
+            allowed = f"at least {low:g}" if high == float("inf") else f"within {low:g}..{high:g}"
+            raise argparse.ArgumentTypeError(f"{text} must be {allowed}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+COUNT, INDEX, PORT = _number(int, 1), _number(int, 0), _number(int, 1, 65535)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m launcher", description=MANUAL,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. optimizer=sgd optimizer.lr=0.05")
     g = p.add_argument_group("job shape")
-    g.add_argument("--nodes", type=int, default=None, help="number of nodes (default 1; in Slurm: the allocation's)")
-    g.add_argument("--gpus", type=int, default=None,
+    g.add_argument("--nodes", type=COUNT, default=None, help="number of nodes (default 1; in Slurm: the allocation's)")
+    g.add_argument("--gpus", type=COUNT, default=None,
                    help="ranks per node: one GPU each; CPU ranks on gloo when there is no CUDA "
                         "(default: all GPUs, or 1 CPU rank)")
-    g.add_argument("--node-rank", "--node_rank", type=int, default=None, help="this node's index (multi-node)")
+    g.add_argument("--node-rank", "--node_rank", type=INDEX, default=None, help="this node's index (multi-node)")
     g.add_argument("--master-addr", "--master_addr", default=None, help="address of node 0 (multi-node)")
-    g.add_argument("--master-port", "--master_port", type=int, default=None,
+    g.add_argument("--master-port", "--master_port", type=PORT, default=None,
                    help="rendezvous port (default: a free port on one node, 29500 on several)")
     g.add_argument("--backend", default="torchrun", choices=backend_names(), help="default: torchrun")
-    g.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
+    g.add_argument("--max-restarts", "--max_restarts", type=INDEX, default=0,
                    help="restart all ranks this many times after a failure (default 0: fail fast)")
     s = p.add_argument_group("several hosts from this one (ssh fan-out; horovodrun and mpirun ssh themselves)")
     s.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
     s.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
     s.add_argument("--ssh-config", type=Path, default=None, help="ssh -F FILE (default: ~/.ssh/config)")
-    s.add_argument("--ssh-timeout", type=int, default=10, help="ssh connect timeout in seconds (default 10)")
+    s.add_argument("--ssh-timeout", type=COUNT, default=10, help="ssh connect timeout in seconds (default 10)")
     h = p.add_argument_group("horovod")
     h.add_argument("--controller", default="gloo", choices=("gloo", "mpi"), help="horovodrun controller")
     h.add_argument("--network-interface", default=None, help="horovodrun --network-interface")
     h.add_argument("--timeline", default=None, help="write a Horovod timeline to this file")
-    h.add_argument("--fusion-threshold-mb", type=int, default=None, help="Horovod tensor fusion buffer")
-    h.add_argument("--cycle-time-ms", type=float, default=None, help="Horovod cycle time")
+    h.add_argument("--fusion-threshold-mb", type=INDEX, default=None, help="Horovod tensor fusion buffer")
+    h.add_argument("--cycle-time-ms", type=_number(float, 0.001), default=None, help="Horovod cycle time")
     sl = p.add_argument_group("Slurm submission (--slurm renders slurm/*.sbatch into the run directory, submits it)")
     sl.add_argument("--slurm", action="store_true", help="submit this job with sbatch instead of running it here")
     sl.add_argument("--wait", action="store_true", help="with --slurm: wait for the job; exit with its code")
     for flag, what in (("--partition", "partition"), ("--time", "time limit, [D-]HH:MM:SS"),
                        ("--account", "account"), ("--qos", "quality of service"), ("--constraint", "node features")):
         sl.add_argument(flag, default=None, help=f"sbatch {flag}: {what}")
-    sl.add_argument("--cpus-per-task", type=int, default=None, help="sbatch --cpus-per-task (one task per node)")
+    sl.add_argument("--cpus-per-task", type=COUNT, default=None, help="sbatch --cpus-per-task (one task per node)")
     sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                     help="one more #SBATCH option, e.g. --sbatch=--mem=64G (repeatable)")
     sl.add_argument("--setup", action="append", default=[], metavar="LINE",
                     help="a shell line run before training, e.g. --setup 'module load cuda' (repeatable)")
-    sl.add_argument("--usr1-before", type=int, default=120, metavar="S",
+    sl.add_argument("--usr1-before", type=INDEX, default=120, metavar="S",
                     help="Slurm sends USR1 this many seconds before the time limit: checkpoint + requeue")
     r = p.add_argument_group("run directory")
     r.add_argument("--run-dir", type=Path, default=None, help="default: RUNS_ROOT/NAME or RUNS_ROOT/<timestamp>")

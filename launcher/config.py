@@ -21,7 +21,8 @@ def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR) 
         raise UsageError(f"no config.yaml in --config-dir {config_dir}")
     try:
         cfg = schema.compose(overrides, config_dir, builtin=DEFAULT_CONFIG_DIR)
-    except (HydraException, OmegaConfBaseException, schema.ConfigError) as e:
+    # Hydra raises plain ValueErrors too (e.g. `schedule=1`: a group choice that is not a name)
+    except (HydraException, OmegaConfBaseException, schema.ConfigError, ValueError, TypeError, KeyError) as e:
         lines = [ln.strip().rstrip(".") for ln in str(e).strip().splitlines()[:2] if ln.strip()]
         reason = ": ".join(lines) or type(e).__name__
         raise UsageError(f"bad config override: {reason}. HINT: keys, choices and defaults are in "

@@ -33,7 +33,7 @@ def assert_one_line_usage_error(proc_or_err: object, message: str) -> None:
     [
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["trainer.nope=1"], "bad config override"),
-        (["--gpus", "0"], "--gpus 0"),
+        (["--gpus", "0"], "argument --gpus: 0 must be at least 1"),
         (["--nodes", "2"], "needs --node-rank and --master-addr"),
         (["--", "missing_script.py"], "script missing_script.py not found"),
         (["--", "-m"], "-m"),  # BUG: IndexError traceback from LaunchPlan.rank_marker (see test_plan)
@@ -56,7 +56,11 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path: Path, args: li
         (["trainer.max_steps=abc"], "bad config override"),
         (["optimizer=nope"], "bad config override"),
         (["trainer.max_steps=0"], "trainer.max_steps=0 is invalid"),
-        (["--gpus", "two"], "invalid int value: 'two'"),
+        (["--gpus", "two"], "argument --gpus: 'two' is not an integer"),
+        (["--nodes", "0"], "argument --nodes: 0 must be at least 1"),
+        (["--master-port", "70000"], "70000 must be within 1..65535"),
+        (["--ssh-timeout", "-1"], "-1 must be at least 1"),
+        (["--cycle-time-ms", "nan"], "nan must be at least 0.001"),
         (["--nodes", "2", "--node-rank", "0"], "needs --node-rank and --master-addr"),
         (["--nodes", "2", "--master-addr", "n0"], "needs --node-rank and --master-addr"),
         (["--nodes", "2", "--node-rank", "5", "--master-addr", "n0"], "--node-rank 5 is outside 0..1"),
