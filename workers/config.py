@@ -201,11 +201,16 @@ def load(path: str | Path) -> Config:
     return from_container(OmegaConf.load(path))
 
 
+def _key(override: str) -> str:
+    """The dotted key an override sets: `++model.depth=3` -> `model.depth`."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def _explicit(overrides: list[str], node: str) -> set[str]:
     """Keys of `node` set on the command line (node.key=…, +node.key=…, ++node.key=…)."""
     keys = set()
     for o in overrides:
-        key = o.lstrip("+~").split("=", 1)[0]
+        key = _key(o)
         if key.startswith(node + "."):
             keys.add(key[len(node) + 1 :].split(".", 1)[0])
     return keys
@@ -215,8 +220,8 @@ def _user_overrides(overrides: list[str]) -> list[str]:
     """`model.depth=3` adds depth when the preset lacks it: a `_target_` node takes whatever its target does
     (the target's signature is checked later), so the `+` Hydra would want is written for the user."""
     nodes = (*TARGET_NODES, "metrics")
-    return [f"++{o}" if o[:1] not in "+~" and "=" in o and o.split("=", 1)[0].split(".", 1)[0] in nodes
-            and "." in o.split("=", 1)[0] else o for o in overrides]
+    return [f"++{o}" if o[:1] not in "+~" and "=" in o and "." in _key(o) and _key(o).split(".", 1)[0] in nodes
+            else o for o in overrides]
 
 
 def compose(overrides: list[str], config_dir: Path, builtin: Path | None = None) -> Config:
@@ -236,10 +241,9 @@ def compose(overrides: list[str], config_dir: Path, builtin: Path | None = None)
         user.append(f"hydra.searchpath=['file://{builtin.resolve()}']")
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
         composed = OmegaConf.to_container(hydra_compose(config_name="config", overrides=user), resolve=True)
-        switched = [n for n in TARGET_NODES if f"{n}._target_" in {o.lstrip("+").split("=", 1)[0] for o in user}]
+        switched = [n for n in TARGET_NODES if f"{n}._target_" in {_key(o) for o in user}]
         if switched:  # the presets without the command line's keys for those nodes: what to drop
-            base_overrides = [o for o in user if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in switched
-                              or "." not in o.split("=", 1)[0]]
+            base_overrides = [o for o in user if "." not in _key(o) or _key(o).split(".", 1)[0] not in switched]
             base = OmegaConf.to_container(hydra_compose(config_name="config", overrides=base_overrides), resolve=True)
     assert isinstance(composed, dict)
     if "metrics={}" in overrides:  # Hydra merges a dict into a dict: `{}` here means "no metrics"

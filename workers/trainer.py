@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from workers import checkpoint as ck
 from workers import task, testhooks
 from workers.config import Config, to_dict, to_yaml
-from workers.data.loader import TrainLoader, loader_kwargs, to_device
+from workers.data.loader import TrainLoader, loader_kwargs, shard_loader, to_device
 from workers.dist import preflight
 from workers.dist.comm import Comm
 from workers.metrics import build_logger, flatten
@@ -180,30 +179,22 @@ class Trainer:
             return {}
         model, dev, comm = self.model, self.comm.device, self.comm
         model.eval()
-        names = ["loss", *self.metric_fns]
+        names = [*self.metric_fns, "loss"]  # metrics first: the closing line leads with them
         sums = torch.zeros(2 * len(names), dtype=torch.float64, device=dev)  # (value * n, n) per name
         kw = {k: v for k, v in loader_kwargs(self.cfg.data, dev).items() if k != "persistent_workers"}
         batch_size = max(256, int(self.cfg.data["batch_size"]))
-        if isinstance(self.eval_set, TensorDataset):  # in memory: slice, no per-sample collate
-            t = self.eval_set.tensors
-            idx = torch.arange(comm.rank, len(self.eval_set), comm.world_size)
-            batches: Any = ((t[0][idx[i:i + batch_size]], t[1][idx[i:i + batch_size]])
-                            for i in range(0, len(idx), batch_size))
-        else:
-            shard = Subset(self.eval_set, range(comm.rank, len(self.eval_set), comm.world_size))
-            batches = DataLoader(shard, batch_size=batch_size, **kw)
+        batches = shard_loader(self.eval_set, comm.rank, comm.world_size, batch_size, kw)
         for batch in batches:
             loss, outputs, targets = self.forward_loss(to_device(batch, dev, self.channels_last))
             n = float(len(targets))
-            values = [loss, *(fn(outputs, targets) for fn in self.metric_fns.values())]
+            values = [*(fn(outputs, targets) for fn in self.metric_fns.values()), loss]
             for i, v in enumerate(values):
                 if v is not None:
                     sums[2 * i] += float(v) * n
                     sums[2 * i + 1] += n
         totals = (comm.allreduce_mean(sums) * comm.world_size).tolist()
         model.train()
-        out = {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1]}
-        return {**{k: v for k, v in out.items() if k != "test/loss"}, "test/loss": out["test/loss"]}  # metrics first
+        return {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1]}
 
     # -- the loop ----------------------------------------------------------------------------
     def prepare(self) -> None:

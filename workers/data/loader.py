@@ -63,6 +63,23 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     return batch
 
 
+def batched_loader(dataset: Dataset, batches: Any, **loader_kw: Any) -> DataLoader:
+    """A DataLoader over ``batches`` (lists of indices); in-memory tensors take the fast path: one index per batch."""
+    if isinstance(dataset, TensorDataset):
+        return DataLoader(_TensorBatches(dataset), batch_size=None, sampler=batches, **loader_kw)
+    return DataLoader(dataset, batch_sampler=batches, **loader_kw)
+
+
+def shard_loader(dataset: Dataset, rank: int, world_size: int, batch_size: int,
+                 loader_kw: dict[str, Any]) -> DataLoader:
+    """This rank's share of ``dataset`` for evaluation: every ``world_size``-th sample from ``rank``, in order.
+    In-memory tensors are sliced in this process (workers would only add start-up time)."""
+    batches = BatchSampler(range(rank, len(dataset), world_size), batch_size, drop_last=False)  # type: ignore[arg-type]
+    if isinstance(dataset, TensorDataset):
+        loader_kw = {}
+    return batched_loader(dataset, batches, **loader_kw)
+
+
 def loader_kwargs(data: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """DataLoader keyword arguments from the `data` config's own keys."""
     workers = int(data.get("num_workers", 0))
@@ -83,10 +100,7 @@ class TrainLoader:
         self.device, self.channels_last = device, channels_last
         self.batches = _Recorded(self.sampler, batch_size, drop_last=True)
         self.generator = torch.Generator()  # worker seeds: not drawn from the training RNG
-        fast = isinstance(dataset, TensorDataset)
-        self.loader = (DataLoader(_TensorBatches(dataset), batch_size=None, sampler=self.batches,  # type: ignore[arg-type]
-                                  generator=self.generator, **loader_kw) if fast else
-                       DataLoader(dataset, batch_sampler=self.batches, generator=self.generator, **loader_kw))
+        self.loader = batched_loader(dataset, self.batches, generator=self.generator, **loader_kw)
         if len(self.sampler) < batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples: fewer than one batch of {batch_size} "  # type: ignore[arg-type]
                              f"per rank for {world_size} ranks. HINT: lower data.batch_size")
