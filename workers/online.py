@@ -116,24 +116,22 @@ class StreamSource:
     # -- metrics -----------------------------------------------------------------------------
     def log(self) -> dict[str, float]:
         """The rolling prequential metrics over all ranks (a collective, at log steps)."""
-        sums = self.comm.allreduce_mean(torch.tensor(
-            [sum(self.window_loss), sum(self.window), len(self.window), self.reader.bad],
-            dtype=torch.float64, device=self.comm.device)) * self.comm.world_size
-        win_loss, win_hits, win_n, bad = sums.tolist()
+        win_loss, win_hits, win_n, hits, n, bad = self._sum(sum(self.window_loss), sum(self.window), len(self.window),
+                                                            self.correct, self.seen, self.reader.bad)
         return {"online/prequential_loss": win_loss / max(win_n, 1),
                 "online/prequential_accuracy": win_hits / max(win_n, 1),
-                "online/prequential_accuracy_run": self._totals()[0], "online/records": self.records,
+                "online/prequential_accuracy_run": hits / max(n, 1), "online/records": self.records,
                 "online/bad_records": bad}
 
-    def _totals(self) -> tuple[float, float]:
-        totals = self.comm.allreduce_mean(torch.tensor([self.correct, self.seen, self.reader.bad], dtype=torch.float64,
-                                                       device=self.comm.device)) * self.comm.world_size
-        hits, n, bad = totals.tolist()
-        return hits / max(n, 1), bad
+    def _sum(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (one all-reduce)."""
+        total = self.comm.allreduce_mean(torch.tensor(values, dtype=torch.float64, device=self.comm.device))
+        return (total * self.comm.world_size).tolist()
 
     def summary(self, ended: str, result: dict[str, float]) -> tuple[dict[str, float], str]:
         """The end of the run (a collective): totals for result.json, and the closing line."""
-        accuracy, bad = self._totals()
+        hits, n, bad = self._sum(self.correct, self.seen, self.reader.bad)
+        accuracy = hits / max(n, 1)
         result = {**result, "online/prequential_accuracy_run": accuracy, "online/bad_records": bad,
                   "online/records": self.records}
         return result, (f"online: ended ({ended}) at step {self.trainer.step} after {self.records} records; "
