@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from launcher.supervisor import GRACE_S, kill_group, signal_ranks
+from launcher.procs import GRACE_S, kill_group, signal_ranks
 
 
 def _relay(proc: subprocess.Popen) -> None:

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from launcher.commands import Cmd, LaunchPlan
 from launcher.errors import UsageError
-from launcher.plan import Cmd, LaunchPlan
 
 # the launcher's own variables that every remote rank gets too (DeepSpeed exports a similar list)
 EXPORTED_PREFIXES = ("NCCL_", "GLOO_", "TORCH", "CUDA_", "OMP_", "MKL_", "PYTHON", "LAUNCHER_", "HOROVOD_",

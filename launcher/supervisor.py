@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from launcher.plan import Cmd
+from launcher.commands import Cmd
+from launcher.procs import GRACE_S, kill_group, signal_ranks
 
 TAIL_LINES = 50
-GRACE_S = 30.0  # after SIGTERM, how long children get to checkpoint and exit before SIGKILL
 
 # torchrun's failure report (torch.distributed.elastic ChildFailedError) names the root cause so:
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
@@ -72,52 +72,6 @@ def _with_log(rank: int, code: int, logs: list[Path]) -> Failure:
     log = max(logs, key=lambda p: p.stat().st_mtime, default=None)
     tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
     return Failure(rank, code, log, tail)
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc; torchrun starts each rank in a session of its own)."""
-    out = []
-    # every thread's list: horovodrun starts ranks from worker threads, not its main thread
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], children(pid)
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo += children(child)
-    return out
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _signal_pids(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def signal_ranks(pid: int, marker: str, sig: int) -> None:
-    """Signal the rank processes under ``pid``, told from runners and shells by ``marker`` in their argv."""
-    _signal_pids([p for p in descendants(pid) if marker in _argv(p)], sig)
-
-
-def kill_group(pid: int, sig: int) -> None:
-    """``sig`` to the process group ``pid`` leads; SIGKILL also to every descendant, since ranks run in
-    sessions of their own and would outlive a killed torchrun."""
-    ranks = descendants(pid) if sig == signal.SIGKILL else []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
-    _signal_pids(ranks, sig)
 
 
 def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:

@@ -211,8 +211,9 @@ def test_no_resume_twice_keeps_both_earlier_states(tmp_path: Path, monkeypatch: 
 
     BUG: prepare_run_dir names the aside directory by the second only and creates it with mkdir(parents=True)
     (no exist_ok, no unique suffix): the second launch dies with FileExistsError."""
-    from launcher.cli import prepare_run_dir
-    from launcher.plan import LaunchOptions, plan_launch
+    from launcher.job import prepare_run_dir
+    from launcher.commands import LaunchOptions
+    from launcher.plan import plan_launch
 
     run_dir = tmp_path / "run"
     plan = plan_launch(LaunchOptions(run_dir=run_dir, gpus=1), device_count=0, free_port=1, cpu_count=2,

@@ -8,7 +8,8 @@ import pytest
 
 from launcher.cli import parse_hostfile
 from launcher.errors import UsageError
-from launcher.plan import DEFAULT_MASTER_PORT, LaunchOptions, plan_launch
+from launcher.commands import LaunchOptions
+from launcher.plan import DEFAULT_MASTER_PORT, plan_launch
 
 RUN = Path("/runs/r1")
 PY = "/opt/venv/bin/python3"  # no runner beside it: the argv names horovodrun/mpirun, found on PATH

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from launcher.backends import find_runner, runner
-from launcher.plan import Cmd, LaunchPlan
+from launcher.commands import Cmd, LaunchPlan
 
 INSTALL_HINT = "HINT: bash scripts/install_horovod.sh (builds horovod 0.28.1 with the C++17 fix)"
 

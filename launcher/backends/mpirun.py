@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from launcher.backends import find_runner, runner
-from launcher.plan import Cmd, LaunchPlan
+from launcher.commands import Cmd, LaunchPlan
 
 INSTALL_HINT = "HINT: apt-get install openmpi-bin libopenmpi-dev && pip install mpi4py"
 

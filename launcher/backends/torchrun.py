@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.plan import Cmd, LaunchPlan
+from launcher.commands import Cmd, LaunchPlan
 from launcher.ssh import ssh_node
 
 # torchrun prefixes each teed line with this; ${rank} is the global rank

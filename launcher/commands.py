@@ -1,0 +1,83 @@
+"""The plan's types: what the user asked for, the job it becomes, and the commands that start it.
+
+Their own module, so backends/ and ssh.py (which build commands) need not import plan.py (which
+calls them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cmd:
+    """One process the supervisor starts: an argv list (never a shell string) plus env additions."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str = "node0"  # prefix for this command's console lines when there are several
+    rank_marker: str = ""  # an argv element only the rank processes have (their program), for SIGUSR1
+    remote: bool = False  # runs on another host over ssh; stdin is its control channel (launcher.node)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions:
+    """What the user asked for (the CLI's parse result)."""
+
+    backend: str = "torchrun"
+    nodes: int = 1
+    gpus: int | None = None  # ranks per node; None = all CUDA devices, or 1 CPU rank
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    hosts: tuple[str, ...] = ()  # horovod: host names (each gets --gpus slots) or host:slots
+    controller: str = "gloo"  # horovod: gloo | mpi
+    network_interface: str | None = None  # horovod: --network-interface
+    timeline: str | None = None  # horovod: --timeline-filename
+    fusion_threshold_mb: int | None = None  # horovod tuning
+    cycle_time_ms: float | None = None  # horovod tuning
+    max_restarts: int = 0
+    job_id: str = "launcher"  # rendezvous id: the same on every node (a run name, a Slurm job id)
+    run_dir: Path
+    workdir: Path = Path("/")  # where remote nodes start (ssh fan-out): the launcher's working directory
+    ssh_config: Path | None = None  # ssh -F FILE for the fan-out and the reachability check
+    ssh_timeout: int = 10  # seconds: ssh ConnectTimeout
+    program: tuple[str, ...] = ()  # `-- script.py args` (or `-- -m module args`); () = built-in trainer
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchPlan:
+    backend: str
+    device: str  # cuda | cpu: NCCL on cuda, gloo on cpu
+    nnodes: int
+    nproc_per_node: int
+    world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    hosts: tuple[tuple[str, int], ...]  # (host, slots); empty in per-node mode
+    controller: str
+    run_dir: Path
+    program: tuple[str, ...]  # what each rank runs, as an argv after the interpreter
+    python: str
+    env: Mapping[str, str]  # added to every rank's environment
+    max_restarts: int
+    job_id: str = "launcher"
+    workdir: Path = Path("/")
+    ssh_config: Path | None = None
+    ssh_timeout: int = 10
+    forwarded_env: Mapping[str, str] = field(default_factory=dict)  # the launcher's env that remote ranks get
+    tuning: Mapping[str, str] = field(default_factory=dict)  # backend-specific pass-through options
+    flags: Mapping[str, bool] = field(default_factory=dict)  # as_root, oversubscribe (mpirun)
+    commands: tuple[Cmd, ...] = ()
+
+    @property
+    def builtin(self) -> bool:
+        return self.program[:3] == ("-m", "workers.train", "--run-dir")
+
+    @property
+    def rank_marker(self) -> str:
+        """The module or script every rank runs: how rank processes are told from runners and shells."""
+        return self.program[1] if self.program[0] == "-m" else self.program[0]
