@@ -34,6 +34,9 @@ Launching again into the same run directory resumes from its newest intact check
 Environment each rank gets (torchrun's contract, so any torchrun script runs unmodified):
 RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, plus
 PYTHONUNBUFFERED=1, OMP_NUM_THREADS (cores / ranks unless set) and LAUNCHER_RUN_DIR.
+Every process of the run (runners, ranks, ssh clients, node agents) carries LAUNCHER_JOB_TOKEN, a fresh
+uuid, or the value already set in the launcher's environment (to find the run's processes by it): if
+the launcher dies, even by SIGKILL, a watchdog stops the processes carrying it within seconds.
 
 Exit status: 0 on success; 2 for bad input (nothing was started); the failing rank's exit code
 after a failure (the launcher prints which rank failed and the tail of its log); 130/143 after

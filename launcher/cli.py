@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from launcher.commands import LaunchOptions
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
 from launcher.plan import plan_launch
+from launcher.procs import TOKEN_VAR
 from launcher.ssh import check_hosts
 
 
@@ -40,7 +42,7 @@ def _number(kind: type, low: float, high: float = float("inf")) -> Callable[[str
     return parse
 
 
-COUNT, INDEX, PORT = _number(int, 1), _number(int, 0), _number(int, 1, 65535)
+COUNT, INDEX, PORT, SECONDS = _number(int, 1), _number(int, 0), _number(int, 1, 65535), _number(float, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="torchrun", choices=backend_names(), help="default: torchrun")
     g.add_argument("--max-restarts", "--max_restarts", type=INDEX, default=0,
                    help="restart all ranks this many times after a failure (default 0: fail fast)")
+    w = p.add_argument_group("hangs and restarts (seconds; 0 turns a check off)")
+    w.add_argument("--hang-timeout", type=SECONDS, default=300,
+                   help="a rank with no step (or eval batch) for this long is stuck: its stack and every other "
+                        "rank's go to RUN_DIR/attempts/N/, the run stops or restarts (default 300)")
+    w.add_argument("--init-timeout", type=SECONDS, default=900, help="start-up to the first step (default 900)")
+    w.add_argument("--checkpoint-timeout", type=SECONDS, default=900, help="one checkpoint save (default 900)")
+    w.add_argument("--restart-backoff", type=SECONDS, default=1.0,
+                   help="wait before the first restart, doubled for each next one, at most 30 (default 1)")
     s = p.add_argument_group("several hosts from this one (ssh fan-out; horovodrun and mpirun ssh themselves)")
     s.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
     s.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
@@ -125,6 +135,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_token(env: Mapping[str, str]) -> str:
+    """The run's LAUNCHER_JOB_TOKEN: the caller's own (a test that looks for the run's processes by it), else a
+    fresh one. Not one inherited from another run's rank (LAUNCHER_RUN_DIR set too): this run's watchdog would
+    stop that run as well."""
+    given = env.get(TOKEN_VAR, "")
+    return given if given and "LAUNCHER_RUN_DIR" not in env else uuid.uuid4().hex
+
+
 def cuda_device_count() -> int:
     # no NVIDIA device node: no CUDA, and no need to pay torch's import time before starting anything
     if not list(Path("/dev").glob("nvidia[0-9]*")):
@@ -160,6 +178,8 @@ def options_from_args(args: argparse.Namespace, program: list[str],
         controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
         fusion_threshold_mb=args.fusion_threshold_mb, cycle_time_ms=args.cycle_time_ms,
         max_restarts=args.max_restarts, run_dir=run_dir_of(args), program=tuple(program),
+        restart_backoff=args.restart_backoff,
+        timeouts=(args.init_timeout, args.hang_timeout, args.checkpoint_timeout),
         # the same on every node, however many seconds apart they start
         job_id=args.name or (alloc.job_id if alloc else "launcher"),
         workdir=Path.cwd(), ssh_config=args.ssh_config, ssh_timeout=args.ssh_timeout,
@@ -189,7 +209,7 @@ def run(argv: list[str]) -> int:
     opts = options_from_args(args, program, os.environ)
     plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
                        cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ,
-                       is_root=os.geteuid() == 0)
+                       is_root=os.geteuid() == 0, job_token=job_token(os.environ))
     history = resume.check(plan.run_dir, cfg, args.no_resume) if cfg is not None else None
     if args.dry_run:
         print("launcher: dry run, nothing started\n" + job.describe(plan))

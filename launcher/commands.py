@@ -20,6 +20,7 @@ class Cmd:
     name: str = "node0"  # prefix for this command's console lines when there are several
     rank_marker: str = ""  # an argv element only the rank processes have (their program), for SIGUSR1
     remote: bool = False  # runs on another host over ssh; stdin is its control channel (launcher.node)
+    relabel: tuple[str, ...] = ()  # (regex, replacement): the runner's rank tag on a line -> "[rankN]:"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,8 @@ class LaunchOptions:
     fusion_threshold_mb: int | None = None  # horovod tuning
     cycle_time_ms: float | None = None  # horovod tuning
     max_restarts: int = 0
+    restart_backoff: float = 1.0  # seconds before the first restart, doubled for each further one
+    timeouts: tuple[float, float, float] = (900.0, 300.0, 900.0)  # hang watch: init, step, checkpoint
     job_id: str = "launcher"  # rendezvous id: the same on every node (a run name, a Slurm job id)
     run_dir: Path
     workdir: Path = Path("/")  # where remote nodes start (ssh fan-out): the launcher's working directory
@@ -64,6 +67,8 @@ class LaunchPlan:
     python: str
     env: Mapping[str, str]  # added to every rank's environment
     max_restarts: int
+    timeouts: tuple[float, float, float] = (900.0, 300.0, 900.0)  # hang watch: init, step, checkpoint (0: off)
+    attempt: int = 0  # the launcher's restart count (runners other than torchrun: the launcher restarts them)
     job_id: str = "launcher"
     workdir: Path = Path("/")
     ssh_config: Path | None = None
@@ -76,6 +81,12 @@ class LaunchPlan:
     @property
     def builtin(self) -> bool:
         return self.program[:3] == ("-m", "workers.train", "--run-dir")
+
+    @property
+    def rank_program(self) -> tuple[str, ...]:
+        """What each rank runs: the built-in trainer reports to the launcher itself (workers/rank.py); any
+        other program runs under that module's wrapper, in the same process, unmodified."""
+        return self.program if self.builtin else ("-m", "workers.rank", *self.program)
 
     @property
     def rank_marker(self) -> str:

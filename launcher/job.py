@@ -6,12 +6,15 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from launcher.backends import get_backend
 from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
-from launcher.supervisor import Supervisor, find_failure
+from launcher.supervisor import Supervisor
+from launcher.watch import Timeouts, Watch
+from launcher.watch import describe as watch_describe
 from workers.config import to_yaml
 
 
@@ -22,7 +25,9 @@ def describe(plan: LaunchPlan) -> str:
              "ranks per node": ",".join(str(n) for _, n in plan.hosts) if plan.hosts else plan.nproc_per_node,
              "world size": plan.world_size,
              "node rank": plan.node_rank, "master": f"{plan.master_addr}:{plan.master_port}",
-             "max restarts": plan.max_restarts, "run dir": plan.run_dir}
+             "max restarts": plan.max_restarts,
+             "hang timeouts": "init {:g} s, step {:g} s, checkpoint {:g} s".format(*plan.timeouts),
+             "run dir": plan.run_dir}
     lines = [f"  {k:<15} {v}" for k, v in facts.items()]
     for cmd in plan.commands:
         if cmd.env:
@@ -38,18 +43,21 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} is a file. HINT: pass another --run-dir or --name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        old = [run_dir / d for d in ("checkpoints", "tb") if (run_dir / d).exists()]
-        if old:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            aside = run_dir / "previous" / stamp
-            for n in range(1, 1000):  # two --no-resume launches in one second keep both
-                if not aside.exists():
-                    break
-                aside = run_dir / "previous" / f"{stamp}-{n}"
-            aside.mkdir(parents=True)
-            for d in old:
-                d.rename(aside / d.name)
+    # an earlier launch's rank records would read as this one's (attempt numbers start at 0 again); checkpoints
+    # and TensorBoard go too under --no-resume. Node 0 does it before any rank can start.
+    kept = ("attempts", "failure.json", *(("checkpoints", "tb") if fresh else ()))
+    old = [run_dir / d for d in kept if (run_dir / d).exists()] if plan.node_rank == 0 else []
+    if old:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = run_dir / "previous" / stamp
+        for n in range(1, 1000):  # two launches in one second keep both
+            if not aside.exists():
+                break
+            aside = run_dir / "previous" / f"{stamp}-{n}"
+        aside.mkdir(parents=True)
+        for d in old:
+            d.rename(aside / d.name)
+        if fresh:
             print(f"launcher: --no-resume: moved earlier {', '.join(d.name for d in old)} to {aside}")
     if history is not None:
         history.parent.mkdir(exist_ok=True)
@@ -62,34 +70,41 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
 
 
 def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path | None) -> int:
-    """Start the job and see it through; the exit code is the launcher's."""
+    """Start the job and see it through; the exit code is the launcher's (see launcher/__init__.py)."""
     prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=fresh, history=history)
     if plan.device == "cpu":
         print(f"launcher: no CUDA device found: running {plan.nproc_per_node} CPU rank(s) per node on gloo")
     print("launcher: starting\n" + describe(plan), flush=True)
-    # torchrun restarts its ranks itself (elastic agent); for the others the launcher does it
-    restarts = 0 if plan.backend == "torchrun" else plan.max_restarts
-    for attempt in range(restarts + 1):
-        sup = Supervisor(list(plan.commands))
+    backend = get_backend(plan.backend)
+    watch = Watch(plan.run_dir, Timeouts(*plan.timeouts), world_size=plan.world_size,
+                  log_of=lambda rank, attempt: backend.rank_log(replace(plan, attempt=attempt), rank))
+    # torchrun restarts its ranks itself (elastic agent); the launcher only stops it from restarting an
+    # attempt that failed before its first step. For the other runners the launcher restarts.
+    own_restarts = 0 if plan.backend == "torchrun" else plan.max_restarts
+    runner_restarts = plan.max_restarts if plan.backend == "torchrun" and plan.builtin else 0
+    for attempt in range(own_restarts + 1):
+        if attempt:
+            plan = replace(plan, attempt=attempt)
+            plan = replace(plan, commands=tuple(backend.build_commands(plan)))
+        sup = Supervisor(list(plan.commands), watch=watch, restarts_left=runner_restarts)
         code = sup.run()
-        if code == 0 or sup.signals:
+        if sup.signals:
             return code
-        print(failure_report(sup, plan, code), file=sys.stderr)
-        if attempt < restarts:
-            print(f"launcher: restarting all ranks ({attempt + 1}/{restarts}); they resume from the newest "
-                  "checkpoint", file=sys.stderr, flush=True)
-    return code
-
-
-def failure_report(sup: Supervisor, plan: LaunchPlan, code: int) -> str:
-    """Which rank failed and why, per failed node; a rank killed by a signal first (usually the cause)."""
-    failures = []
-    for cmd in sup.failed:
-        failure = find_failure(list(sup.outputs[cmd.name]), plan.run_dir / "logs")
+        watch.poll()
+        failure = watch.conclude()
+        if code == 0:
+            return 0
+        print(watch_describe(failure) if failure else
+              f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:]),
+              file=sys.stderr, flush=True)
         if failure is not None:
-            failure.node = cmd.name if len(plan.commands) > 1 else None
-            failures.append(failure)
-    if not failures:
-        return f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:])
-    failures.sort(key=lambda f: f.exit_code >= 0)
-    return "\n".join(f.describe() for f in failures)
+            code = failure["exit_code"]
+        if attempt == own_restarts:
+            break
+        if failure is not None and plan.builtin and not failure["first_step_reached"]:
+            print(f"launcher: attempt {attempt} failed before its first training step: not restarting (a restart "
+                  "would fail the same way)", file=sys.stderr, flush=True)
+            break
+        print(f"launcher: restarting all ranks ({attempt + 1}/{own_restarts}); they resume from the newest "
+              "checkpoint", file=sys.stderr, flush=True)
+    return code

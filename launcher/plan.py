@@ -2,7 +2,7 @@
 
 :func:`plan_launch` is a pure function: it starts nothing, reads no environment and writes no file,
 so every plan can be tested (and printed by ``--dry-run``) without starting a process. Everything
-impure it needs (CUDA device count, a free port, core count, the interpreter) is passed in.
+impure it needs (CUDA device count, a free port, core count, the interpreter, the run's token) is passed in.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from launcher import resources
 from launcher.backends import get_backend
 from launcher.commands import LaunchOptions, LaunchPlan
 from launcher.errors import UsageError
+from launcher.procs import TOKEN_VAR
 from launcher.ssh import exported_env
 
 # the checkout goes on the ranks' PYTHONPATH so `-m workers.train` works from any working directory; an installed
@@ -32,8 +33,10 @@ def parse_host(entry: str, default_slots: int) -> tuple[str, int]:
 
 
 def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_count: int,
-                python: str, env: Mapping[str, str], is_root: bool = False) -> LaunchPlan:
-    """Validate ``opts`` against the machine and build the plan (commands included)."""
+                python: str, env: Mapping[str, str], is_root: bool = False,
+                job_token: str | None = None) -> LaunchPlan:
+    """Validate ``opts`` against the machine and build the plan (commands included). ``job_token``: the
+    run's LAUNCHER_JOB_TOKEN, which every process of the run inherits (launcher/reaper.py finds them by it)."""
     backend = get_backend(opts.backend)
     gpus = opts.gpus if opts.gpus is not None else max(device_count, 1)
     if gpus < 1:
@@ -69,6 +72,8 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         **({"PYTHONPATH": pythonpath} if pythonpath else {}),  # `-m workers.train` works from any working directory
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, cpu_count // most_ranks))),
         "LAUNCHER_RUN_DIR": str(opts.run_dir),
+        **({TOKEN_VAR: job_token} if job_token else {}),
+        "LAUNCHER_RESTART_BACKOFF_S": f"{opts.restart_backoff:g}",  # workers/rank.py waits it out on a restart
     }
     tuning = {k: str(v) for k, v in (("timeline-filename", opts.timeline),
                                       ("fusion-threshold-mb", opts.fusion_threshold_mb),
@@ -80,7 +85,8 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         master_addr=opts.master_addr or (hosts[0][0] if hosts else "127.0.0.1"),
         master_port=opts.master_port or (free_port if nodes == 1 else DEFAULT_MASTER_PORT),
         hosts=hosts, controller=opts.controller, run_dir=opts.run_dir, program=program,
-        python=python, env=worker_env, max_restarts=opts.max_restarts, job_id=opts.job_id, workdir=opts.workdir,
+        python=python, env=worker_env, max_restarts=opts.max_restarts, timeouts=opts.timeouts,
+        job_id=opts.job_id, workdir=opts.workdir,
         ssh_config=opts.ssh_config, ssh_timeout=opts.ssh_timeout, forwarded_env=exported_env(env), tuning=tuning,
         flags={"as_root": is_root,
                "oversubscribe": most_ranks > cpu_count},

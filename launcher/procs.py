@@ -1,6 +1,7 @@
-"""The process table: a process's descendants, signalling the ranks among them, killing a job's groups.
+"""The process table: a process's descendants, signalling the ranks among them, killing a job's groups,
+finding a run's processes by its token, asking for a signal when a parent dies.
 
-Read from /proc (Linux), used by the supervisor and by the node agent on every host.
+Read from /proc (Linux), used by the supervisor, the node agent on every host and the reaper.
 """
 
 from __future__ import annotations
@@ -8,9 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 GRACE_S = 30.0  # after SIGTERM, how long children get to checkpoint and exit before SIGKILL
+GONE_GRACE_S = 3.0  # the same when the launcher is gone (killed): short, so everything ends within 10 s
+# every process of a run (runners, ranks, ssh clients, node agents) carries this variable with the run's own value:
+# the environment is inherited through runners, shells and sessions, which parent links and process groups are not
+TOKEN_VAR = "LAUNCHER_JOB_TOKEN"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def children(pid: int) -> list[int]:
@@ -57,3 +64,32 @@ def kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
     signal_pids(ranks, sig)
+
+
+def environ_of(pid: int) -> list[bytes]:
+    """The ``KEY=VALUE`` entries ``pid`` started with; [] for a zombie or a process we may not read."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def token_pids(token: str) -> list[int]:
+    """Live processes (not this one) whose environment carries ``TOKEN_VAR=token``: one run's, on this host."""
+    entry, me = f"{TOKEN_VAR}={token}".encode(), os.getpid()
+    return [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+            if pid != me and entry in environ_of(pid)]
+
+
+def parent_death_signal(sig: int) -> Callable[[], None]:
+    """A function that makes the kernel send ``sig`` to the calling process when its parent *thread* exits
+    (prctl PR_SET_PDEATHSIG; kept across exec): call it first thing, or pass it as a Popen preexec_fn from a
+    thread that lives as long as the child should. A no-op where there is no prctl."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in a freshly forked child
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                         ctypes.c_ulong(0))

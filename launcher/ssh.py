@@ -18,6 +18,7 @@ from pathlib import Path
 
 from launcher.commands import Cmd, LaunchPlan
 from launcher.errors import UsageError
+from launcher.procs import TOKEN_VAR
 
 # the launcher's own variables that every remote rank gets too (DeepSpeed exports a similar list)
 EXPORTED_PREFIXES = ("NCCL_", "GLOO_", "TORCH", "CUDA_", "OMP_", "MKL_", "PYTHON", "LAUNCHER_", "HOROVOD_",
@@ -49,7 +50,9 @@ def ssh_node(plan: LaunchPlan, host: str, cmd: Cmd) -> Cmd:
     """``cmd`` (one node's part of the job) run on ``host`` over ssh, under the node agent."""
     env = {**plan.forwarded_env, **cmd.env}
     remote = remote_command(cmd.argv, workdir=plan.workdir, python=plan.python, env=env, marker=cmd.rank_marker)
-    return Cmd(argv=(*ssh_argv(host, config=plan.ssh_config, timeout=plan.ssh_timeout), remote), env={},
+    # the ssh client is a process of the run too: it carries the run's token (launcher/reaper.py)
+    token = {TOKEN_VAR: env[TOKEN_VAR]} if TOKEN_VAR in env else {}
+    return Cmd(argv=(*ssh_argv(host, config=plan.ssh_config, timeout=plan.ssh_timeout), remote), env=token,
                name=host, rank_marker=cmd.rank_marker, remote=True)
 
 

@@ -1,4 +1,4 @@
-"""Run a plan's commands: stream their output, forward signals, report which rank failed and why."""
+"""Run a plan's commands: stream their output, forward signals, watch the ranks for hangs and failures."""
 
 from __future__ import annotations
 
@@ -11,87 +11,24 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 from launcher.commands import Cmd
-from launcher.procs import GRACE_S, kill_group, signal_ranks
+from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, signal_ranks
+from launcher.reaper import Reaper
+from launcher.watch import Watch, describe
 
-TAIL_LINES = 50
-
-# torchrun's failure report (torch.distributed.elastic ChildFailedError) names the root cause so:
-_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
-_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
-# ... OpenMPI's mpirun so ("Process name: [[4711,1],1]" then "Exit code: 1"), horovodrun's gloo
-# controller so ("Process name: 1" then "Exit code: 1")
-_MPI_RANK = re.compile(r"Process name:\s*(?:\[\[\d+,\d+\],)?(\d+)\]?\s*$")
-_MPI_EXIT = re.compile(r"Exit code:\s*(-?\d+)")
-
-
-@dataclass
-class Failure:
-    rank: int | None
-    exit_code: int
-    log: Path | None = None
-    tail: list[str] = field(default_factory=list)
-    node: str | None = None  # the command (host) it ran under, when there are several
-
-    def describe(self) -> str:
-        how = (f"killed by signal {signal.Signals(-self.exit_code).name}" if self.exit_code < 0
-               else f"exit code {self.exit_code}")
-        who = (f"rank {self.rank}" if self.rank is not None else "a rank") + (f" on {self.node}" if self.node else "")
-        lines = [f"launcher: {who} failed ({how})" + (f"; log: {self.log}" if self.log else "")]
-        if self.tail:
-            lines.append(f"---- last {len(self.tail)} lines of {'its log' if self.log else 'output'} ----")
-            lines += self.tail
-        return "\n".join(lines)
-
-
-def find_failure(output: list[str], log_dir: Path) -> Failure | None:
-    """The first failed rank as torchrun reported it, with the tail of its own log file."""
-    rank = local_rank = code = None
-    for i, line in enumerate(output):
-        if "Root Cause" in line:
-            for follow in output[i:]:
-                if rank is None and (m := _RANK.match(follow)):
-                    rank, local_rank = int(m.group(1)), int(m.group(2))
-                elif rank is not None and (m := _EXIT.match(follow)):
-                    code = int(m.group(1))
-                    break
-            break
-    if rank is None:
-        return _find_mpi_failure(output, log_dir)
-    if code is None:
-        return None
-    return _with_log(rank, code, list(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log")))
-
-
-def _with_log(rank: int, code: int, logs: list[Path]) -> Failure:
-    """The failure with the tail of the newest of the rank's log files (a restart writes a new one)."""
-    log = max(logs, key=lambda p: p.stat().st_mtime, default=None)
-    tail = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log else []
-    return Failure(rank, code, log, tail)
-
-
-def _find_mpi_failure(output: list[str], log_dir: Path) -> Failure | None:
-    rank = code = None
-    for line in output:
-        if rank is None and (m := _MPI_RANK.search(line)):
-            rank = int(m.group(1))
-        elif rank is not None and (m := _MPI_EXIT.search(line)):
-            code = int(m.group(1))
-            break
-    if rank is None or code is None:
-        return None
-    return _with_log(rank, code, [*log_dir.glob(f"mpi/*/rank.{rank}/stderr"),
-                                  *log_dir.glob(f"horovod/rank.{rank}/stderr")])
-
+WATCH_EVERY_S = 0.5  # how often the rank records are read
+STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
 
 class Supervisor:
-    def __init__(self, commands: list[Cmd], out: TextIO | None = None) -> None:
+    def __init__(self, commands: list[Cmd], out: TextIO | None = None, watch: Watch | None = None,
+                 restarts_left: int = 0) -> None:
         # None: the caller's sys.stdout at the time of writing (it may be redirected after import)
-        self.commands, self._out = commands, out
+        self.commands, self._out, self.watch = commands, out, watch
+        self.restarts_left = restarts_left  # that the runner itself makes (torchrun); the launcher's are its own
+        self.no_restart = False  # set when an attempt failed before its first step: restarting would not help
+        self.ranks_killed_at: float | None = None  # after a hang: the runners get a moment to exit on their own
         self.procs: list[subprocess.Popen] = []
         self.output: deque[str] = deque(maxlen=2000)  # enough to hold torchrun's failure report
         self.outputs = {c.name: deque[str](maxlen=2000) for c in commands}  # the same, per command
@@ -102,8 +39,11 @@ class Supervisor:
 
     def _pump(self, proc: subprocess.Popen, cmd: Cmd, prefix: str) -> None:
         assert proc.stdout is not None
+        label = re.compile(cmd.relabel[0]) if cmd.relabel else None
         for raw in proc.stdout:
             line = raw.rstrip("\n")
+            if label is not None:  # the runner's own rank tag -> the same [rankN]: on every backend
+                line = label.sub(cmd.relabel[1], line, count=1)
             with self._lock:
                 self.output.append(line)
                 self.outputs[cmd.name].append(line)
@@ -111,15 +51,20 @@ class Supervisor:
                 out.write(f"{prefix}{line}\n")
                 out.flush()
 
+    def signal_ranks(self, sig: signal.Signals) -> None:
+        """``sig`` to the rank processes only: torchrun, horovodrun's helpers and the shells it starts ranks
+        with would die of SIGUSR1's default action. Remote ranks get it from their node agent."""
+        for p, cmd in zip(self.procs, self.commands, strict=False):
+            if p.poll() is not None:
+                continue
+            if cmd.remote:
+                self._send(p, f"RANKS {sig.name}")
+            else:
+                signal_ranks(p.pid, cmd.rank_marker, sig)
+
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if signum == signal.SIGUSR1:
-            # checkpoint-now request (Slurm preemption warning): only the ranks may get it; torchrun,
-            # horovodrun's helpers and the shells it starts ranks with would die of its default action
-            for p, cmd in zip(self.procs, self.commands, strict=False):
-                if cmd.remote:
-                    self._send(p, "USR1")
-                else:
-                    signal_ranks(p.pid, cmd.rank_marker, signum)
+        if signum == signal.SIGUSR1:  # checkpoint-now request (Slurm preemption warning)
+            self.signal_ranks(signal.SIGUSR1)
             return
         if self.procs and all(p.poll() is not None for p in self.procs):
             return  # everything already ended (e.g. docker-compose stopping a finished node): not a stop
@@ -159,6 +104,9 @@ class Supervisor:
         multi = len(self.commands) > 1
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         pumps = []
+        # every command carries the run's token: should the launcher die, however, the watchdog stops them all
+        token = next((c.env[TOKEN_VAR] for c in self.commands if TOKEN_VAR in c.env), None)
+        reaper = Reaper(token, os.environ) if token else None
         try:
             for cmd in self.commands:
                 proc = subprocess.Popen(list(cmd.argv), env={**os.environ, **cmd.env}, text=True, bufsize=1,
@@ -177,14 +125,50 @@ class Supervisor:
                 p.wait()
             for pump in pumps:
                 pump.join(timeout=5)
+            if reaper is not None:
+                reaper.close()
             for s, handler in old.items():
                 signal.signal(s, handler)
         if self.signals:
             return 128 + self.signals[0]
         return code
 
+    def _watch(self) -> None:
+        """Read the ranks' records: act on a hang, or on an attempt that failed before its first step."""
+        assert self.watch is not None
+        ended = self.watch.poll()
+        if ended is not None and (failure := self.watch.failures.get(ended)):  # the runner restarted the ranks
+            print(describe(failure) + f"\nlauncher: the ranks were restarted (attempt {ended + 1})",
+                  file=sys.stderr, flush=True)
+        stuck = self.watch.stalled() if self.deadline is None and self.ranks_killed_at is None else []
+        if stuck:
+            print(self.watch.report_hang(stuck), file=sys.stderr, flush=True)
+            self.signal_ranks(signal.SIGUSR2)  # faulthandler: every thread's stack into attempts/N/rank<R>.stacks
+            deadline = time.monotonic() + STACKS_WAIT_S
+            while time.monotonic() < deadline and not self.watch.stacks_written():
+                time.sleep(0.1)
+            # hung ranks cannot checkpoint: kill them; the runner restarts them (torchrun, --max-restarts) or ends
+            self.signal_ranks(signal.SIGKILL)
+            self.ranks_killed_at = time.monotonic()
+            return
+        failure = self.watch.failure()
+        if (failure is not None and not failure["first_step_reached"] and self.watch.attempt < self.restarts_left
+                and not self.no_restart):
+            self.no_restart = True
+            print(f"launcher: attempt {self.watch.attempt} failed before its first training step: not restarting "
+                  "(a restart would fail the same way)", file=sys.stderr, flush=True)
+            self._kill_all(signal.SIGKILL)
+
     def _wait(self) -> int:
+        next_watch = 0.0
         while True:
+            if self.watch is not None and time.monotonic() >= next_watch:
+                self._watch()
+                next_watch = time.monotonic() + WATCH_EVERY_S
+            if self.ranks_killed_at is not None and time.monotonic() > self.ranks_killed_at + 10:
+                self._kill_all(signal.SIGKILL)  # a runner that does not notice its ranks are gone
+            if self.ranks_killed_at is not None and self.watch is not None and self.watch.hang is None:
+                self.ranks_killed_at = None  # the runner restarted the ranks: a new attempt is being watched
             codes = [p.poll() for p in self.procs]
             failed = [c for c in codes if c not in (None, 0)]
             if self.deadline is None:  # failures before we stopped anything are the job's own

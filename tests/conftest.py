@@ -1,4 +1,5 @@
-"""Shared test helpers: start the launcher for real, read TensorBoard back, find leftover processes.
+"""Shared test helpers: start the launcher for real, read TensorBoard back, find leftover processes (by command
+line, or by the run's LAUNCHER_JOB_TOKEN: pass ``env={TOKEN_VAR: token}`` to :func:`start`).
 
 Nothing here mocks torch.distributed: the helpers start ``python -m launcher`` (which starts torchrun, which
 starts gloo ranks) and read back what those processes left on disk and in /proc.
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root, wherever pytest is started from
 LAUNCHER_TIMEOUT_S = 300.0  # a hung run fails the test instead of hanging the suite
+TOKEN_VAR = "LAUNCHER_JOB_TOKEN"  # set in the launcher's environment, every process of its run carries it
 
 
 @pytest.fixture
@@ -126,8 +128,33 @@ def leftover_processes(marker: str | Path, grace_s: float = 10.0) -> list[str]:
 
     Killed children can take a moment to be reaped by init after the launcher returns; that is not a leak,
     so poll instead of asserting on one snapshot. Returns [] as soon as none is left."""
+    return _still_alive(lambda: run_processes(marker), grace_s)
+
+
+def token_processes(token: str) -> list[int]:
+    """Live (non-zombie) processes whose environment carries ``LAUNCHER_JOB_TOKEN=token``: every process of a run
+    started with that token in the launcher's environment (runners, ranks, ssh clients, node agents), whatever
+    their command lines, parents or sessions."""
+    entry, found = f"{TOKEN_VAR}={token}".encode(), []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if entry in (proc / "environ").read_bytes().split(b"\0") and \
+                        (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def leftover_token_processes(token: str, grace_s: float = 10.0) -> list[str]:
+    """Command lines of the processes carrying ``token`` still alive after ``grace_s`` ([] as soon as none is)."""
+    return _still_alive(lambda: token_processes(token), grace_s)
+
+
+def _still_alive(find: Callable[[], list[int]], grace_s: float) -> list[str]:
     deadline = time.monotonic() + grace_s
-    while (pids := run_processes(marker)) and time.monotonic() < deadline:
+    while (pids := find()) and time.monotonic() < deadline:
         time.sleep(0.1)
     out = []
     for pid in pids:

@@ -186,7 +186,7 @@ def test_dry_run_script_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     script = tmp_path / "train.py"
     script.write_text("")
     assert main(["--gpus", "2", "--run-dir", str(tmp_path / "run"), "--dry-run", "--", str(script), "--x", "1"]) == 0
-    assert f"--tee 3 {script} --x 1" in capsys.readouterr().out
+    assert f"--tee 3 -m workers.rank {script} --x 1" in capsys.readouterr().out  # run as is, reporting to us
 
 
 def test_help_is_the_manual() -> None:
@@ -211,8 +211,8 @@ def test_no_resume_twice_keeps_both_earlier_states(tmp_path: Path, monkeypatch: 
 
     BUG: prepare_run_dir names the aside directory by the second only and creates it with mkdir(parents=True)
     (no exist_ok, no unique suffix): the second launch dies with FileExistsError."""
-    from launcher.job import prepare_run_dir
     from launcher.commands import LaunchOptions
+    from launcher.job import prepare_run_dir
     from launcher.plan import plan_launch
 
     run_dir = tmp_path / "run"

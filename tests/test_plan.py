@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import parse_hostfile
-from launcher.errors import UsageError
 from launcher.commands import LaunchOptions
+from launcher.errors import UsageError
 from launcher.plan import DEFAULT_MASTER_PORT, plan_launch
 
 RUN = Path("/runs/r1")
@@ -47,6 +47,7 @@ def test_one_node_two_cpu_ranks_golden() -> None:
         "PYTHONPATH": root,  # `-m workers.train` works from any working directory
         "OMP_NUM_THREADS": "2",  # 4 cores / 2 ranks
         "LAUNCHER_RUN_DIR": str(RUN),
+        "LAUNCHER_RESTART_BACKOFF_S": "1",  # workers/rank.py waits it out before a restarted attempt
         "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]:",
     }
 
@@ -95,7 +96,8 @@ def test_device_and_default_ranks(device_count: int, gpus: int | None, device: s
 )
 def test_script_and_module_mode(program: tuple[str, ...]) -> None:
     p = plan(gpus=2, program=program)
-    assert p.commands[0].argv == torchrun_argv(1, 2, 0, f"127.0.0.1:{FREE_PORT}", program)
+    # run as they are, in the rank's own process, under the module that reports to the launcher
+    assert p.commands[0].argv == torchrun_argv(1, 2, 0, f"127.0.0.1:{FREE_PORT}", ("-m", "workers.rank", *program))
     assert not p.builtin
 
 
@@ -191,7 +193,7 @@ def test_horovod_local_golden() -> None:
     p = plan(backend="horovod", gpus=2)
     [cmd] = p.commands
     assert cmd.argv == ("horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "--output-filename",
-                        "/runs/r1/logs/horovod", PY, *TRAINER, "--comm", "horovod")
+                        "/runs/r1/logs/horovod/attempt_0", PY, *TRAINER, "--comm", "horovod")
     assert cmd.env["OMP_NUM_THREADS"] == "2"
 
 
@@ -199,7 +201,7 @@ def test_horovod_two_hosts_of_eight() -> None:
     p = plan(backend="horovod", gpus=8, hosts=("node1", "node2"), cpu_count=64)
     assert (p.nnodes, p.world_size) == (2, 16)
     assert p.commands[0].argv == ("horovodrun", "-np", "16", "-H", "node1:8,node2:8", "--gloo", "--output-filename",
-                                  "/runs/r1/logs/horovod", PY, *TRAINER, "--comm", "horovod")
+                                  "/runs/r1/logs/horovod/attempt_0", PY, *TRAINER, "--comm", "horovod")
 
 
 def test_horovod_hosts_controller_and_tuning() -> None:
@@ -226,7 +228,7 @@ def test_horovod_nodes_disagreeing_with_hosts() -> None:
 
 def test_horovod_script_runs_without_comm_flag() -> None:
     argv = plan(backend="horovod", gpus=2, program=("hvd.py", "--x")).commands[0].argv
-    assert argv[-3:] == (PY, "hvd.py", "--x")
+    assert argv[-5:] == (PY, "-m", "workers.rank", "hvd.py", "--x")
 
 
 # -- mpirun ---------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def test_mpirun_flags_only_where_needed() -> None:
     assert "--allow-run-as-root" not in plain and "--oversubscribe" not in plain
     assert plain[plain.index("--bind-to") : plain.index("--bind-to") + 2] == ("--bind-to", "none")
     assert "OMP_NUM_THREADS=2" in plain and plain[plain.index("OMP_NUM_THREADS=2") - 1] == "-x"
-    assert plain[-7:] == (PY, "-m", "workers.dist.mpi_env", *TRAINER)
+    assert plain[-8:] == (PY, "-m", "workers.rank", "--mpi", *TRAINER)
     crowded = plan(backend="mpi", gpus=4, cpu_count=2, is_root=True).commands[0].argv
     assert "--allow-run-as-root" in crowded and "--oversubscribe" in crowded
 

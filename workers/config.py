@@ -69,15 +69,19 @@ class TrainerConfig:
     async_checkpoint: bool = MISSING
     compile: bool = MISSING
     threads: int = MISSING
+    straggler_factor: float = MISSING  # a rank's local step time above this times the median is behind
+    straggler_windows: int = MISSING  # for this many consecutive log windows: named (workers/straggler.py)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "an int >= 0")
-        for key in ("grad_accum_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        for key in ("grad_accum_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                    "straggler_windows"):
             value = getattr(self, key)
             _check(value > 0, f"trainer.{key}", value, "a positive int")
         _check(self.precision in ("fp32", "bf16", "fp16"), "trainer.precision", self.precision, "fp32 | bf16 | fp16")
         _check(self.grad_clip >= 0, "trainer.grad_clip", self.grad_clip, "a float >= 0")
         _check(self.threads >= 0, "trainer.threads", self.threads, "an int >= 0")
+        _check(self.straggler_factor > 1, "trainer.straggler_factor", self.straggler_factor, "a float > 1")
 
 
 @dataclass

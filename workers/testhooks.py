@@ -3,14 +3,33 @@
 ``LAUNCHER_TEST_SLOW_SAVE_S``  seconds to pause on every write() into a checkpoint file, so a test
                                can kill rank 0 in the middle of a save.
 ``LAUNCHER_TEST_SLOW_STEP_S``  seconds to pause after every training step, so a test can act mid-run.
+``LAUNCHER_TEST_SLOW_DATA_S``  seconds to pause before every micro-batch's forward, inside the rank's
+                               measured local step time, as a slow input pipeline would (a straggler).
+``LAUNCHER_TEST_SLOW_RANK``    a rank: the two pauses above apply on that rank only (unset: every rank).
 ``LAUNCHER_TEST_SAMPLE_LOG``   directory: each rank appends the dataset indices it trains on to
                                ``rank<R>.txt``, so a test can check which samples an epoch saw.
+``LAUNCHER_TEST_HANG``         ``RANK:STEP``: that rank stops for an hour after that step, in the first
+                               attempt only (a restart runs on), so a test can watch the hang detection.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 SLOW_SAVE_S = float(os.environ.get("LAUNCHER_TEST_SLOW_SAVE_S", "0") or 0)
 SLOW_STEP_S = float(os.environ.get("LAUNCHER_TEST_SLOW_STEP_S", "0") or 0)
+SLOW_DATA_S = float(os.environ.get("LAUNCHER_TEST_SLOW_DATA_S", "0") or 0)
+SLOW_RANK = int(os.environ["LAUNCHER_TEST_SLOW_RANK"]) if os.environ.get("LAUNCHER_TEST_SLOW_RANK") else None
 SAMPLE_LOG = os.environ.get("LAUNCHER_TEST_SAMPLE_LOG") or None
+HANG = tuple(int(x) for x in os.environ.get("LAUNCHER_TEST_HANG", "").split(":") if x)
+
+
+def slowed(rank: int, seconds: float) -> float:
+    """``seconds`` (SLOW_STEP_S or SLOW_DATA_S) on the rank LAUNCHER_TEST_SLOW_RANK names, or every rank, else 0."""
+    return seconds if SLOW_RANK is None or rank == SLOW_RANK else 0.0
+
+
+def maybe_hang(rank: int, step: int, attempt: int) -> None:
+    if (rank, step) == HANG and attempt == 0:
+        time.sleep(3600)

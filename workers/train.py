@@ -13,26 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
-import time
-import traceback
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from workers import config
+from workers import config, rank
 from workers.dist import build_comm
 from workers.dist.env import DistEnv
 from workers.trainer import Trainer
-
-
-def _peer_failed(e: BaseException) -> bool:
-    """A collective broke because another rank died (gloo: the connection closed; NCCL: DistBackendError)."""
-    import torch.distributed as dist
-
-    text = str(e)
-    return isinstance(e, dist.DistBackendError) or "closed by peer" in text or "reset by peer" in text
 
 
 @record  # under torchrun, a crash's traceback lands in the failure report
@@ -52,24 +40,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except SystemExit as e:  # argparse, or a build failure already reported once (trainer.build_once)
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException as e:  # @record has written torchrun's error file; the console gets the traceback
-        traceback.print_exc()
-        code = 1
-        if _peer_failed(e):  # a consequence, not the cause: let the runner see the rank that failed first
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the runner's stop ends this wait
-            time.sleep(3)
-    # Everything is saved, flushed and closed by now (or the run failed). Skip the interpreter's teardown:
-    # C++ destructors of torch.distributed (gloo's threads) can abort a finished rank there ("terminate
-    # called without an active exception"), which would turn a successful job into a failed one.
-    if "mpi4py.MPI" in sys.modules:  # under mpirun: finalize, or mpirun reports an improper exit
-        from mpi4py import MPI
-
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # records how this rank ends (workers/rank.py): the launcher's failure report and hang watch read it
+    rank.run(main, hard_exit=True)

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from workers import checkpoint as ck
-from workers import task, testhooks
+from workers import progress, rank, task, testhooks
 from workers.config import Config, to_dict, to_yaml
 from workers.data.loader import TrainLoader, loader_kwargs, shard_loader, to_device
 from workers.dist import preflight
@@ -33,6 +33,7 @@ from workers.metrics import build_logger, flatten
 from workers.optim import lr_at, set_lr
 from workers.signals import SignalFlags
 from workers.sources import STOP_SIGNAL, EpochSource
+from workers.straggler import StragglerDetector
 
 SCALER = "grad_scaler"  # checkpoint key of the fp16 GradScaler's state
 
@@ -60,18 +61,28 @@ def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> t
                 ascii=not tty, ncols=None if tty else 100)
 
 
+def recovery(run_dir: Path, attempt: int) -> dict[str, float]:
+    """TensorBoard's record of a restart: its number and the seconds from the failure to this first step."""
+    out = {"restarts/count": float(attempt)}
+    with contextlib.suppress(OSError, ValueError, KeyError):  # the launcher writes it; a bare torchrun does not
+        failed_at = json.loads((run_dir / "attempts" / str(attempt - 1) / "failure.json").read_text())["at"]
+        out["restarts/recovery_s"] = time.time() - failed_at
+    return out
+
+
 def build_once(comm: Comm, build: Callable[[], Any]) -> Any:
     """Build on every rank; if it raises anywhere, the lowest failing rank prints the traceback (once, not
     once per rank) and all ranks exit 1."""
     try:
-        built, error = build(), None
-    except Exception:
-        built, error = None, traceback.format_exc()
+        built, error, exc = build(), None, None
+    except Exception as e:
+        built, error, exc = None, traceback.format_exc(), e
     errors = comm.allgather_object(error)
     failed = [r for r, e in enumerate(errors) if e]
     if failed:
         if comm.rank == failed[0]:
             print(f"building the task failed on rank(s) {failed}:\n{error}", file=sys.stderr, flush=True)
+            rank.record_error(exc)  # the launcher's failure report shows it (failure.json)
         else:  # let the reporting rank be the first to exit: the launcher names the first failure
             time.sleep(3)
         raise SystemExit(1)
@@ -177,6 +188,7 @@ class Trainer:
         """Loss and metrics on the eval split: each rank scores a shard, sums are all-reduced."""
         if self.eval_set is None:
             return {}
+        progress.phase("eval")
         model, dev, comm = self.model, self.comm.device, self.comm
         model.eval()
         names = [*self.metric_fns, "loss"]  # metrics first: the closing line leads with them
@@ -192,8 +204,10 @@ class Trainer:
                 if v is not None:
                     sums[2 * i] += float(v) * n
                     sums[2 * i + 1] += n
+            progress.beat()
         totals = (comm.allreduce_mean(sums) * comm.world_size).tolist()
         model.train()
+        progress.phase("step")
         return {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1]}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -223,15 +237,25 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (summed loss, grad norm or None)."""
         comm, model, accum = self.comm, self.model, self.cfg.trainer.grad_accum_steps
         loss_sum = torch.zeros((), device=comm.device)
-        for micro, batch in enumerate(batches):
+        data_s, forward_s, clock = 0.0, 0.0, time.perf_counter()  # this rank's own share of the step (straggler)
+        for micro, batch in enumerate(batches):  # waits for the batch (on the device): data_s
+            if testhooks.SLOW_DATA_S:
+                time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_DATA_S))
+            fetched = time.perf_counter()
+            data_s += fetched - clock
+            if micro == 0:
+                progress.phase("step")  # the batch is here: computing now (and waiting in the all-reduce)
             if not self.tokens_per_sample and isinstance(batch[1], torch.Tensor):
                 self.tokens_per_sample = batch[1][0].numel() if batch[1].dim() > 1 else -1
             with comm.no_sync(model, last_micro_step=micro == accum - 1):
                 loss, outputs, targets = self.forward_loss(batch)
+                forward_s += time.perf_counter() - fetched
                 loss = loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach()
             self.source.trained(outputs.detach(), targets)
+            clock = time.perf_counter()
+        self.straggler.add(data_s, forward_s)
         grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, want_norm, self.scaler)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
         self.step += 1
@@ -248,15 +272,19 @@ class Trainer:
         due = force or ck.should_save(self.step, last, self.cfg.trainer.checkpoint_every)
         if not due or self.saved_step == self.step:
             return None
+        progress.phase("checkpoint")
         self.source.before_save()
         self.saved_step = self.step
-        return self.ckpt.save(self.step, last, self.state, force=force)
+        stall = self.ckpt.save(self.step, last, self.state, force=force)
+        progress.phase("step")
+        return stall
 
     def train(self) -> dict[str, float]:
         cfg, comm, t, source = self.cfg, self.comm, self.cfg.trainer, self.source
         self.prepare()
         source.start()
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
+        self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model)  # the wrapped model
 
         def saved(stall: float | None, forced: bool = False) -> None:
             if stall is not None:  # rank 0 only
@@ -270,7 +298,10 @@ class Trainer:
         result: dict[str, float] = {}
         ended = "max_steps"
         tick, tick_step = time.perf_counter(), self.step
+        attempt = rank.current_attempt()
+        recovered_at = self.step + 1 if attempt and comm.is_main else -1  # a restart's first step
         while not t.max_steps or self.step < t.max_steps:  # max_steps=0: until the stream ends (online)
+            progress.step(self.step + 1)
             turn = source.next(self.step)
             if turn.save or turn.stop:
                 saved(self.checkpoint(force=True), forced=True)
@@ -283,9 +314,12 @@ class Trainer:
             set_lr(self.optimizer, lr)
             logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
             loss_sum, grad_norm = self.train_step(turn.batches, want_norm=logging)
+            if self.step == recovered_at:
+                metrics.log(recovery(self.run_dir, attempt), self.step)
+            testhooks.maybe_hang(comm.rank, self.step, attempt)
             last = self.step == t.max_steps
             if testhooks.SLOW_STEP_S:
-                time.sleep(testhooks.SLOW_STEP_S)
+                time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_STEP_S))
             bar.update(1)
             metrics.log({"lr": lr}, self.step)  # every step: schedules are checked against their formula
             if logging:
@@ -298,6 +332,7 @@ class Trainer:
                     logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
                     logged["train/grad_norm"] = grad_norm.item()
+                logged.update(self.straggler.check(comm, self.step))  # a collective; rank 0's scalars
                 metrics.log(logged, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             saved(self.checkpoint(last=last))

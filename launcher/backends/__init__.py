@@ -23,6 +23,11 @@ class Backend(Protocol):
         """None when this machine can run the backend, else a one-line error with the fix."""
         ...
 
+    def rank_log(self, plan: LaunchPlan, rank: int) -> Path | None:
+        """Where this backend's runner writes the rank's stderr in the plan's attempt (None: the rank's own
+        exit record says, as under torchrun)."""
+        ...
+
 
 def runner(name: str, python: str) -> str:
     """The runner (horovodrun, mpirun) to start: the one beside the Python that runs the ranks — a venv's own,

@@ -21,15 +21,20 @@ class HorovodBackend:
             "-np", str(plan.world_size),
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
             f"--{plan.controller}",
-            "--output-filename", str(plan.run_dir / "logs" / "horovod"),  # per-rank stdout/stderr files
+            "--output-filename", str(self.log_dir(plan)),  # per-rank stdout/stderr files
         ]
         for key, value in plan.tuning.items():
             argv += [f"--{key}", value]
-        if plan.builtin:
-            argv += [plan.python, *plan.program, "--comm", "horovod"]
-        else:
-            argv += [plan.python, *plan.program]
-        return [Cmd(argv=tuple(argv), env=dict(plan.env), name="horovodrun", rank_marker=plan.rank_marker)]
+        argv += [plan.python, *plan.rank_program, *(["--comm", "horovod"] if plan.builtin else [])]
+        return [Cmd(argv=tuple(argv), env={**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt)}, name="horovodrun",
+                    rank_marker=plan.rank_marker, relabel=(r"^\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
+
+    @staticmethod
+    def log_dir(plan: LaunchPlan) -> Path:
+        return plan.run_dir / "logs" / "horovod" / f"attempt_{plan.attempt}"
+
+    def rank_log(self, plan: LaunchPlan, rank: int) -> Path | None:
+        return self.log_dir(plan) / f"rank.{rank}" / "stderr"
 
     def check_available(self) -> str | None:
         spec = importlib.util.find_spec("horovod")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from launcher.backends import find_runner, runner
 from launcher.commands import Cmd, LaunchPlan
@@ -19,12 +20,12 @@ class MpirunBackend:
                 "-H", ",".join(f"{h}:{n}" for h, n in hosts),
                 "--bind-to", "none",  # each rank sets its own threads; MPI's core binding would pin them all to one
                 "--tag-output",  # [job,rank]<stdout>: prefix per line
-                "--output-filename", str(plan.run_dir / "logs" / "mpi")]  # per-rank stdout/stderr files
+                "--output-filename", str(self.log_dir(plan))]  # per-rank stdout/stderr files
         if plan.flags.get("as_root"):
             argv.append("--allow-run-as-root")
         if plan.flags.get("oversubscribe"):
             argv.append("--oversubscribe")
-        env = dict(plan.env)
+        env = {**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt)}
         if plan.hosts:
             # other hosts get the launcher's NCCL_*/GLOO_*/… too, and rank 0's address as others reach it
             env = {**plan.forwarded_env, **env, "MASTER_ADDR": plan.master_addr}
@@ -33,8 +34,16 @@ class MpirunBackend:
                 + (["-F", str(plan.ssh_config)] if plan.ssh_config else []))]
         for key, value in env.items():
             argv += ["-x", f"{key}={value}"]
-        argv += [plan.python, "-m", "workers.dist.mpi_env", *plan.program]
-        return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker)]
+        argv += [plan.python, "-m", "workers.rank", "--mpi", *plan.program]  # MPI -> torchrun's env, then run
+        return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker,
+                    relabel=(r"^\[\d+,(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
+
+    @staticmethod
+    def log_dir(plan: LaunchPlan) -> Path:
+        return plan.run_dir / "logs" / "mpi" / f"attempt_{plan.attempt}"
+
+    def rank_log(self, plan: LaunchPlan, rank: int) -> Path | None:
+        return next(self.log_dir(plan).glob(f"*/rank.{rank}/stderr"), None)  # mpirun adds a job folder
 
     def check_available(self) -> str | None:
         if find_runner("mpirun") is None:

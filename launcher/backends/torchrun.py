@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from launcher.commands import Cmd, LaunchPlan
 from launcher.ssh import ssh_node
 
@@ -42,9 +44,12 @@ class TorchrunBackend:
             argv += ["--rdzv-conf", f"is_host={int(node_rank == 0)}"]
             if node_rank == 0 or plan.hosts:
                 argv += ["--local-addr", local_addr]
-        argv += plan.program  # `-m workers.train …`, `script.py …` or `-m module …`, as torchrun takes them
+        argv += plan.rank_program  # `-m workers.train …` or `-m workers.rank script.py|-m module …`
         env = {**plan.env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": LOG_LINE_PREFIX}
         return Cmd(argv=tuple(argv), env=env, name=f"node{node_rank}", rank_marker=plan.rank_marker)
 
     def check_available(self) -> str | None:
         return None  # torch is a hard dependency
+
+    def rank_log(self, plan: LaunchPlan, rank: int) -> Path | None:
+        return None  # torchrun's file per rank and restart; the rank's exit record names it (workers/rank.py)

@@ -74,6 +74,6 @@ class DistEnv:
                     master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                     master_port=_int(environ, "MASTER_PORT", 29500),
                     launched_by=source,
-                    restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+                    restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", _int(environ, "LAUNCHER_ATTEMPT", 0)),
                 )
         return cls()

@@ -12,7 +12,6 @@ so torch.distributed starts with NCCL on GPUs or gloo on CPU and the same traine
 from __future__ import annotations
 
 import os
-import runpy
 import socket
 import sys
 
@@ -48,17 +47,7 @@ def torchrun_env() -> dict[str, str]:
             "GROUP_RANK": str(node_rank), "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])}
 
 
-def main(argv: list[str]) -> None:
-    if not argv:
-        sys.exit("usage: python -m workers.dist.mpi_env (-m MODULE | SCRIPT.py) [ARGS...]")
-    os.environ.update(torchrun_env())
-    if argv[0] == "-m":
-        sys.argv = [argv[1], *argv[2:]]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = list(argv)
-        runpy.run_path(argv[0], run_name="__main__")
+if __name__ == "__main__":  # the same as `python -m workers.rank --mpi ...`, which the mpi backend runs
+    from workers.rank import main
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(["--mpi", *sys.argv[1:]])

@@ -1,0 +1,274 @@
+"""Watch a running job through the files its ranks write (workers/rank.py, workers/progress.py).
+
+Every rank keeps ``RUN_DIR/attempts/<N>/rank<R>.progress`` (phase, step) current and writes
+``rank<R>.exit.json`` when it ends. From them the launcher tells, without parsing any console text:
+
+* a **hang**: a rank whose record has not changed for longer than its phase's timeout (init, step —
+  eval counts as step —, checkpoint). The suspect is the rank furthest behind: in data parallelism
+  the others wait for it in the next collective, one step ahead.
+* the **first failure** of an attempt: the earliest rank that exited non-zero on its own (not
+  because a peer died, not stopped by a signal it was sent), or that died without an exit record
+  (SIGKILL, the OOM killer) — then, failing those, the rest. Written to
+  ``attempts/<N>/failure.json`` and ``RUN_DIR/failure.json`` (the newest attempt's).
+* the **recovery**: seconds from an attempt's failure to the first step of the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HANG_EXIT_CODE = 124  # the launcher's exit status after a hang, as timeout(1)'s
+TRACEBACK_LINES = 30
+PHASES = ("init", "data", "step", "eval", "checkpoint", "failed", "done")  # within one step, in order
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds without progress before a rank counts as stuck, per phase; 0 turns a check off."""
+
+    init: float = 900.0  # start-up to the first step: imports, rendezvous, dataset, model, checkpoint load
+    step: float = 300.0  # between steps, and between eval batches
+    checkpoint: float = 900.0
+
+    def of(self, phase: str) -> float:
+        return {"init": self.init, "checkpoint": self.checkpoint}.get(phase, self.step if phase in PHASES[1:4] else 0)
+
+
+@dataclass
+class Rank:
+    """What the launcher knows of one rank in the current attempt."""
+
+    rank: int
+    record: dict = field(default_factory=dict)  # the rank's last progress record
+    seen: float = 0.0  # launcher's monotonic clock when the record last changed
+    died_at: float | None = None  # wall time the launcher found it gone without an exit record
+
+    @property
+    def phase(self) -> str:
+        return self.record.get("phase", "init")
+
+    @property
+    def where(self) -> str:
+        return f"{self.record.get('host', '?')}:{self.rank}"
+
+
+def read_json(path: Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class Watch:
+    def __init__(self, run_dir: Path, timeouts: Timeouts, *, world_size: int,
+                 log_of: Callable[[int, int], Path | None] = lambda rank, attempt: None) -> None:
+        self.root, self.timeouts, self.world_size, self.log_of = run_dir / "attempts", timeouts, world_size, log_of
+        self.attempt = -1
+        self.ranks: dict[int, Rank] = {}
+        self.started = time.monotonic()  # of the current attempt, as the launcher saw it begin
+        self.hang: dict | None = None  # the current attempt's hang report, once found
+        self.failures: dict[int, dict] = {}  # attempt -> its failure record
+        self.host = socket.gethostname()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def folder(self, attempt: int | None = None) -> Path:
+        return self.root / str(self.attempt if attempt is None else attempt)
+
+    def _newest(self) -> int:
+        with contextlib.suppress(OSError):
+            return max((int(p.name) for p in self.root.iterdir() if p.name.isdigit()), default=-1)
+        return -1
+
+    def poll(self) -> int | None:
+        """Read the newest attempt's records. Returns the number of an attempt that just ended (a newer one
+        began), else None."""
+        ended = None
+        newest = self._newest()
+        if newest > self.attempt:
+            if self.attempt >= 0:
+                self.conclude()
+                ended = self.attempt
+            self.attempt, self.ranks, self.hang, self.started = newest, {}, None, time.monotonic()
+        if self.attempt < 0:
+            return ended
+        now = time.monotonic()
+        for path in self.folder().glob("rank*.progress"):
+            record = read_json(path)
+            if record is None:
+                continue  # caught mid-write
+            rank = self.ranks.setdefault(record["rank"], Rank(record["rank"], seen=now))
+            if record != rank.record:
+                rank.record, rank.seen = record, now
+            if (rank.died_at is None and record.get("host") == self.host and not _alive(record["pid"])
+                    and not (self.folder() / f"rank{rank.rank}.exit.json").exists()):
+                rank.died_at = time.time()
+        self._note_recovery()
+        return ended
+
+    def exits(self, attempt: int) -> dict[int, dict]:
+        folder = self.folder(attempt)
+        return {int(p.name[4:].split(".")[0]): r for p in folder.glob("rank*.exit.json") if (r := read_json(p))}
+
+    # -- hangs -----------------------------------------------------------------------------------
+    def stalled(self) -> list[Rank]:
+        """The ranks past their phase's timeout (none once a hang was reported for this attempt)."""
+        if self.hang is not None:
+            return []
+        now = time.monotonic()
+        out = [r for r in self.ranks.values()
+               if (limit := self.timeouts.of(r.phase)) and now - r.seen > limit and r.died_at is None]
+        missing = self.world_size - len(self.ranks)
+        if missing > 0 and self.timeouts.init and now - self.started > self.timeouts.init:
+            out += [Rank(r, seen=self.started) for r in range(self.world_size) if r not in self.ranks]
+        return out
+
+    def report_hang(self, stuck: list[Rank]) -> str:
+        """Record the hang as this attempt's failure; the summary for the console."""
+        now = time.monotonic()
+        ranks = sorted(self.ranks.values(), key=lambda r: r.rank)
+        suspect = min(stuck, key=lambda r: (r.record.get("step", -1), PHASES.index(r.phase), r.seen))
+        limit = self.timeouts.of(suspect.phase)
+        self.hang = {
+            "attempt": self.attempt, "reason": "hang", "rank": suspect.rank, "host": suspect.record.get("host"),
+            "pid": suspect.record.get("pid"), "phase": suspect.phase, "step": suspect.record.get("step"),
+            "stalled_s": round(now - suspect.seen, 1), "timeout_s": limit, "exit_code": HANG_EXIT_CODE,
+            "signal": None, "at": round(time.time(), 3), "first_step_reached": self._trained(),
+            "stacks": str(self.folder()), "traceback": [],
+            "ranks": [{"rank": r.rank, "host": r.record.get("host"), "phase": r.phase, "step": r.record.get("step"),
+                       "stalled_s": round(now - r.seen, 1)} for r in ranks]}
+        self._write(self.hang)
+        rows = [f"  {'host:rank':<24} {'phase':<11} {'last step':>9} {'no progress for':>16}"]
+        rows += [f"  {r.where:<24} {r.phase:<11} {r.record.get('step', '-')!s:>9} {now - r.seen:>14.0f} s"
+                 + ("   <- stuck" if r.rank == suspect.rank else "") for r in ranks]
+        summary = "\n".join([
+            f"launcher: hang: rank {suspect.rank} on {suspect.record.get('host', '?')} made no progress for "
+            f"{now - suspect.seen:.0f} s in phase {suspect.phase} (timeout {limit:g} s) at step "
+            f"{suspect.record.get('step', '-')}; every rank's Python stack: {self.folder()}/rank<R>.stacks", *rows])
+        (self.folder() / "hang.txt").write_text(summary + "\n")
+        return summary
+
+    def stacks_written(self) -> bool:
+        """Every live rank of the attempt has dumped its stacks (after SIGUSR2)."""
+        with contextlib.suppress(OSError):
+            return all((self.folder() / f"rank{r.rank}.stacks").stat().st_size
+                       for r in self.ranks.values() if r.died_at is None)
+        return False
+
+    # -- failures --------------------------------------------------------------------------------
+    def _trained(self, attempt: int | None = None) -> bool:
+        attempt = self.attempt if attempt is None else attempt
+        if attempt == self.attempt and any(r.record.get("steps", 0) for r in self.ranks.values()):
+            return True
+        return any(e.get("trained") for e in self.exits(attempt).values())
+
+    def failure(self, attempt: int | None = None) -> dict | None:
+        """The attempt's first failure, from the exit records (and the deaths without one), or its hang."""
+        attempt = self.attempt if attempt is None else attempt
+        if attempt < 0:
+            return None
+        if attempt == self.attempt and self.hang is not None:
+            return self.hang
+        if attempt in self.failures and self.failures[attempt].get("reason") == "hang":
+            return self.failures[attempt]
+        exits = self.exits(attempt)
+        failed = [(rank, rec) for rank, rec in exits.items() if rec.get("exit_code")]
+        own = [(rec["at"], rank, rec) for rank, rec in failed if not rec.get("peer_failed") and not rec.get("signal")]
+        if attempt == self.attempt:  # deaths without an exit record: SIGKILL, the OOM killer
+            own += [(r.died_at, r.rank, {"exit_code": 137, "signal": "SIGKILL", "at": r.died_at, "killed": True})
+                    for r in self.ranks.values() if r.died_at is not None and r.rank not in exits]
+        rest = [(rec["at"], rank, rec) for rank, rec in failed if rec.get("peer_failed") or rec.get("signal")]
+        if not own and not rest:
+            return None
+        at, rank, rec = min(own or rest, key=lambda t: (t[0], t[1]))
+        info = self.ranks.get(rank, Rank(rank)).record if attempt == self.attempt else {}
+        return {
+            "attempt": attempt, "reason": "signal" if rec.get("signal") else "exit", "rank": rank,
+            "host": info.get("host"), "local_rank": info.get("local_rank"), "pid": info.get("pid"),
+            "exit_code": rec["exit_code"], "signal": rec.get("signal"), "at": at,
+            "phase": info.get("phase"), "step": info.get("step"), "first_step_reached": self._trained(attempt),
+            "note": "no exit record: killed by SIGKILL (a kill -9, or the OOM killer)" if rec.get("killed") else None,
+            "error_file": rec.get("error_file"), "log": rec.get("log") or _str(self.log_of(rank, attempt)),
+            "traceback": self._traceback(rec, rank, attempt),
+            "ranks": [{"rank": r, "exit_code": e["exit_code"], "signal": e.get("signal"),
+                       "peer_failed": e.get("peer_failed")} for r, e in sorted(failed)]}
+
+    def _traceback(self, rec: dict, rank: int, attempt: int) -> list[str]:
+        """The tail of the rank's traceback: its error file (torchrun's format), else its fatal-signal dump,
+        else the end of its log."""
+        error = read_json(Path(rec["error_file"])) if rec.get("error_file") else None
+        if error is not None:
+            info = error.get("message", {})
+            text = info.get("extraInfo", {}).get("py_callstack") if isinstance(info, dict) else None
+            return (text or str(info)).rstrip().splitlines()[-TRACEBACK_LINES:]
+        for path in (self.folder(attempt) / f"rank{rank}.stacks", rec.get("log") or self.log_of(rank, attempt)):
+            with contextlib.suppress(OSError, TypeError):
+                if lines := Path(path).read_text(errors="replace").rstrip().splitlines():
+                    return lines[-TRACEBACK_LINES:]  # a fatal signal's dump, else the end of the rank's log
+        return []
+
+    def conclude(self) -> dict | None:
+        """The current attempt ended: its final failure record (written), or None if it did not fail."""
+        record = self.failure()
+        if record is not None:
+            record["restarts_before"] = self.attempt
+            self.failures[self.attempt] = record
+            self._write(record)
+        return record
+
+    def _write(self, record: dict) -> None:
+        text = json.dumps(record, indent=1)
+        (self.folder(record["attempt"]) / "failure.json").write_text(text)
+        if record["attempt"] >= self._newest():
+            tmp = self.root.parent / "failure.json.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.root.parent / "failure.json")
+
+    def _note_recovery(self) -> None:
+        """Once the attempt after a failure trains its first step: the seconds that took, into that failure."""
+        before = self.failures.get(self.attempt - 1)
+        if before is None or "recovered_after_s" in before:
+            return
+        firsts = [r.record["first_step_at"] for r in self.ranks.values() if r.record.get("first_step_at")]
+        if firsts:
+            before["recovered_after_s"] = round(min(firsts) - before["at"], 3)
+            self._write(before)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def describe(record: dict) -> str:
+    """The console summary of a failure record."""
+    if record["reason"] == "hang":
+        return (f"launcher: attempt {record['attempt']} hung: rank {record['rank']} on {record['host']} "
+                f"(phase {record['phase']}, step {record['step']}); stacks: {record['stacks']}")
+    how = f"killed by {record['signal']}" if record.get("signal") else f"exit code {record['exit_code']}"
+    where = f" on {record['host']}" if record.get("host") else ""
+    lines = [f"launcher: attempt {record['attempt']}: rank {record['rank']}{where} failed first ({how})"
+             + (f"; log: {record['log']}" if record.get("log") else "")]
+    if record.get("note"):
+        lines.append(f"  {record['note']}")
+    if record.get("traceback"):
+        lines.append(f"---- its traceback ({record.get('error_file') or 'stacks'}) ----")
+        lines += record["traceback"]
+    others = [r for r in record.get("ranks", []) if r["rank"] != record["rank"]]
+    if others:
+        lines.append("  then: " + ", ".join(
+            f"rank {r['rank']} " + ("(a peer failed)" if r["peer_failed"] else
+                                    f"({r['signal'] or 'exit ' + str(r['exit_code'])})") for r in others))
+    return "\n".join(lines)
+

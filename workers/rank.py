@@ -1,0 +1,199 @@
+"""Each rank's report to the launcher, for any program: progress, how it ended, its stacks on demand.
+
+    python -m workers.rank [--mpi] (-m MODULE | SCRIPT.py) [ARGS...]
+
+runs the program in this process, as ``python`` would (``__main__``, ``sys.argv``, the script's
+directory first on ``sys.path``), so a script written for torchrun runs unmodified; ``--mpi`` first
+sets torchrun's variables from MPI (workers/dist/mpi_env.py). The built-in trainer
+(``python -m workers.train``) does the same through :func:`run` without this wrapper.
+
+Files, in ``RUN_DIR/attempts/<N>/`` (N: torchrun's TORCHELASTIC_RESTART_COUNT, else the launcher's
+LAUNCHER_ATTEMPT), all keyed by global rank:
+
+``rank<R>.progress``    phase and step (workers/progress.py), read by the launcher's hang watch
+``rank<R>.exit.json``   how the process ended: exit code or signal, when, host, pid, whether a peer's
+                        failure caused it, the error file holding its traceback
+``rank<R>.stacks``      every thread's Python stack, written by faulthandler on SIGUSR2 (the launcher
+                        asks when the rank hangs) or on a fatal signal (SIGSEGV, SIGABRT, ...)
+``rank<R>.error.json``  the traceback, in torchrun's error-file format — under torchrun, torchrun's own
+                        TORCHELASTIC_ERROR_FILE is used instead (``@record`` writes it)
+
+Only SIGKILL (the OOM killer, a ``kill -9``) ends a rank without an exit record; the launcher
+tells such a death from the missing record. On a restart (N > 0) the rank first waits a backoff,
+LAUNCHER_RESTART_BACKOFF_S doubled per restart (at most 30 s).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import runpy
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from workers import progress
+from workers.dist.env import DistEnv
+
+MAX_BACKOFF_S = 30.0
+PEER_WAIT_S = 3.0  # a rank whose peer died waits this long for the runner's stop (see finish)
+
+_files: dict[str, Path] = {}  # exit, stacks, error: set up once per process
+_stacks = None  # the open file faulthandler writes into (it must stay open)
+
+
+def attempt_of(environ: os._Environ[str] | dict[str, str]) -> int:
+    return int(environ.get("TORCHELASTIC_RESTART_COUNT") or environ.get("LAUNCHER_ATTEMPT") or 0)
+
+
+def current_attempt() -> int:
+    """This process's attempt number (0 for the first start)."""
+    return attempt_of(os.environ)
+
+
+def setup() -> None:
+    """Open this rank's files under the run directory; wait the restart backoff. Once per process."""
+    global _stacks
+    run_dir = os.environ.get("LAUNCHER_RUN_DIR")
+    if _files or not run_dir:
+        return
+    env, attempt = DistEnv.from_env(os.environ), attempt_of(os.environ)
+    folder = Path(run_dir) / "attempts" / str(attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / f"rank{env.rank}"
+    _files.update(exit=base.with_suffix(".exit.json"), stacks=base.with_suffix(".stacks"),
+                  error=Path(os.environ.setdefault("TORCHELASTIC_ERROR_FILE", str(base.with_suffix(".error.json")))))
+    _files["exit"].unlink(missing_ok=True)
+    _stacks = open(_files["stacks"], "w")  # noqa: SIM115 -- faulthandler writes into it until the process ends
+    faulthandler.enable(_stacks, all_threads=True)
+    faulthandler.register(signal.SIGUSR2, _stacks, all_threads=True)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the program may install its own handler later: that wins
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _record_and_die)
+    progress.start(base.with_suffix(".progress"),
+                   {"rank": env.rank, "local_rank": env.local_rank, "host": socket.gethostname(),
+                    "pid": os.getpid(), "attempt": attempt})
+    if attempt > 0:
+        delay = min(float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+        if delay and env.rank == 0:
+            print(f"restart {attempt}: waiting {delay:g} s (backoff) before starting", flush=True)
+        time.sleep(delay)
+
+
+def _record_and_die(signum: int, _frame: object) -> None:
+    """A stop signal the program does not handle: record it, then die of it as the default action would."""
+    finish(128 + signum, signal_name=signal.Signals(signum).name)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective broke because another rank died (gloo: the connection closed; NCCL: DistBackendError)."""
+    dist = sys.modules.get("torch.distributed")
+    text = str(e)
+    return (dist is not None and isinstance(e, dist.DistBackendError)) or "closed by peer" in text \
+        or "reset by peer" in text
+
+
+def record_error(e: BaseException) -> None:
+    """The traceback in torchrun's error-file format, unless ``@record`` already wrote it."""
+    path = _files.get("error")
+    if path is None or path.exists():
+        return
+    data = {"message": {"message": f"{type(e).__name__}: {e}",
+                        "extraInfo": {"py_callstack": "".join(traceback.format_exception(e)),
+                                      "timestamp": str(int(time.time()))}}}
+    path.write_text(json.dumps(data))
+
+
+def finish(code: int, error: BaseException | None = None, *, peer_failed: bool = False,
+           signal_name: str | None = None) -> None:
+    """Write this rank's exit record (once)."""
+    path = _files.get("exit")
+    if path is None or path.exists():
+        return
+    if error is not None:
+        record_error(error)
+    record = {"exit_code": code, "signal": signal_name, "at": round(time.time(), 3), "peer_failed": peer_failed,
+              "trained": progress.trained(),
+              "error_file": str(_files["error"]) if _files["error"].exists() else None,
+              "log": _log_file()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+    progress.phase("done" if code == 0 else "failed")
+
+
+def _log_file() -> str | None:
+    """The file this rank's stderr goes to, where the runner redirects it (torchrun --log-dir)."""
+    try:
+        target = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return target if target.startswith("/") and Path(target).is_file() else None
+
+
+def run(main: Callable[[], int | None], *, hard_exit: bool) -> NoReturn:
+    """Run ``main`` as this rank's program and exit with its code, recording how it ended.
+
+    ``hard_exit``: leave with ``os._exit`` — the built-in trainer has saved, flushed and closed
+    everything, and C++ destructors of torch.distributed (gloo's threads) can abort a finished rank in the
+    interpreter's teardown ("terminate called without an active exception"), turning success into failure.
+    A user's program exits normally (its atexit handlers run)."""
+    setup()
+    peer = False
+    try:
+        code = main() or 0
+        error = None
+    except SystemExit as e:  # argparse, sys.exit(N), or a build failure already reported once
+        code, error = (e.code if isinstance(e.code, int) else (0 if e.code is None else 1)), None
+    except BaseException as e:  # noqa: BLE001 -- any failure is recorded, then the process exits
+        traceback.print_exc()
+        code, error, peer = 1, e, _peer_failed(e)
+    finish(code, error, peer_failed=peer)
+    if peer:  # a consequence, not the cause: let the runner see the rank that failed first
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the runner's stop ends this wait
+        time.sleep(PEER_WAIT_S)
+    if "mpi4py.MPI" in sys.modules:  # under mpirun: finalize, or mpirun reports an improper exit
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if hard_exit:
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run_program(argv: list[str]) -> None:
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, str(Path(argv[0]).resolve().parent))  # as `python script.py` does
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def main(argv: list[str]) -> NoReturn:
+    if argv[:1] == ["--mpi"]:
+        from workers.dist.mpi_env import torchrun_env
+
+        os.environ.update(torchrun_env())
+        argv = argv[1:]
+    if not argv or argv == ["-m"]:
+        sys.exit("usage: python -m workers.rank [--mpi] (-m MODULE | SCRIPT.py) [ARGS...]")
+    run(lambda: _run_program(argv), hard_exit=argv[:2] == ["-m", "workers.train"])
+
+
+if __name__ == "__main__":
+    import workers.rank  # the module, not this __main__ copy: the program imports it by that name
+
+    workers.rank.main(sys.argv[1:])

@@ -1,0 +1,109 @@
+"""Straggler detection: name a rank whose own share of the step stays well above the other ranks'.
+
+In synchronous data parallelism every rank's wall-clock step time is the same: the ranks wait for each
+other in the gradient all-reduce. What differs is each rank's *local* share of the step, measured here with
+``time.perf_counter`` from the end of the previous optimizer step to the start of backward: waiting for
+the next batch (data loading), moving it to the device, forward and loss.
+
+On CUDA this is host-side time: kernels run asynchronously, so the forward's share is mostly launch time.
+It catches the usual causes of a straggler, an input pipeline that stalls (slow storage, too few
+DataLoader workers, a busy host) and CPU-bound ranks, not a GPU that computes slowly.
+
+Two cases leave out the forward: when it holds a collective (DDP broadcasting a model's buffers, such as
+BatchNorm statistics, at the start of every forward), fast ranks wait there for the slow one and their
+forward time would hide it, so only the data part is counted (see :func:`forward_waits`). In
+``mode=online`` the batch arrives before the step, after the ranks' agreement (a collective), so the
+local share is the forward alone.
+
+Cost: two clock reads per micro-batch; at log steps one all-gather of one number per rank. Rank 0
+compares each rank's mean over the log window with the median; a rank above ``factor`` times the median
+(and more than :data:`MIN_GAP_S` above it, so that noise on tiny steps does not count) for ``windows``
+consecutive log windows is named once on the console — again only after it recovered and fell behind
+anew — and TensorBoard gets ``straggler/max_ratio`` (the slowest rank's ratio to the median),
+``straggler/rank`` (the slowest rank), ``straggler/max_ms`` and ``straggler/median_ms`` at every log step.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from workers.dist.comm import Comm
+
+MIN_GAP_S = 1e-3  # a rank must be this much slower than the median, besides the factor
+MAX_LINES = 5  # ranks named per log step; more are counted in one line
+
+
+def forward_waits(model: Any) -> bool:
+    """Whether the wrapped model's training forward holds a collective: DDP broadcasting module buffers."""
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    will_sync = getattr(ddp, "will_sync_module_buffers", None)
+    return bool(will_sync and will_sync())
+
+
+def median(values: list[float]) -> float:
+    """The lower median: in an even world the slower half's ranks are compared with the faster half's
+    slowest (with 2 ranks, the slow rank with the other one, not with the mean of both)."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+class StragglerDetector:
+    """``add`` every step on every rank; ``check`` at log steps on every rank (a collective)."""
+
+    def __init__(self, factor: float, windows: int, model: Any = None,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.factor, self.windows = factor, windows
+        self.count_forward = not forward_waits(model)
+        self.say = say or (lambda line: tqdm.write(line, file=sys.stdout))  # keeps rank 0's progress bar intact
+        self.local_s, self.steps = 0.0, 0  # this rank's, since the last check
+        self.behind: list[int] = []  # rank 0: consecutive log windows each rank was above the threshold
+        self.hosts: list[str] = []
+
+    def add(self, data_s: float, forward_s: float) -> None:
+        """One optimizer step's local time on this rank: waiting for and moving its batches, forward and loss."""
+        self.local_s += data_s + forward_s if self.count_forward else data_s
+        self.steps += 1
+
+    def check(self, comm: Comm, step: int) -> dict[str, float]:
+        """At a log step, on every rank: gather the window's mean local times; rank 0 names stragglers and
+        returns its TensorBoard scalars (other ranks, and a single rank, return {})."""
+        if comm.world_size == 1:
+            return {}
+        mean = torch.tensor([self.local_s / max(self.steps, 1)], dtype=torch.float64, device=comm.device)
+        self.local_s, self.steps = 0.0, 0
+        times = comm.allgather_tensor(mean).tolist()
+        if not self.hosts:  # once, for the console line
+            self.hosts = comm.allgather_object(socket.gethostname())
+        if not comm.is_main:
+            return {}
+        scalars, lines = self.judge(times)
+        for line in lines:
+            self.say(line)
+        return scalars
+
+    def judge(self, times: list[float]) -> tuple[dict[str, float], list[str]]:
+        """Rank 0, one log window's mean local time per rank (seconds): (TensorBoard scalars, console lines)."""
+        if len(self.behind) != len(times):
+            self.behind = [0] * len(times)
+        mid = median(times)
+        slowest = max(range(len(times)), key=times.__getitem__)
+        named = []
+        for rank, t in enumerate(times):
+            above = t > self.factor * mid and t - mid > MIN_GAP_S
+            self.behind[rank] = self.behind[rank] + 1 if above else 0
+            if self.behind[rank] == self.windows:
+                named.append(rank)
+        ratio = [t / mid if mid > 0 else float("inf") for t in times]
+        lines = [f"straggler: rank {r}{f' ({self.hosts[r]})' if r < len(self.hosts) else ''} local step time "
+                 f"{times[r] * 1e3:.1f} ms is {ratio[r]:.1f}x the median {mid * 1e3:.1f} ms "
+                 f"for {self.windows} log windows" for r in named[:MAX_LINES]]
+        if len(named) > MAX_LINES:
+            lines.append(f"straggler: and {len(named) - MAX_LINES} more rank(s)")
+        scalars = {"straggler/max_ratio": ratio[slowest] if mid > 0 else 1.0, "straggler/rank": float(slowest),
+                   "straggler/max_ms": times[slowest] * 1e3, "straggler/median_ms": mid * 1e3}
+        return scalars, lines
