@@ -26,8 +26,18 @@ does not import or take its keys, or a model whose constructor raises (built on 
 exits with status 2 and one line naming it.
 
 Run directory (``runs/<name or timestamp>/``, or ``--run-dir``): ``config.yaml`` (the resolved
-config every rank trains), ``plan.json`` (these commands), ``logs/`` (per-rank stdout/stderr),
-``checkpoints/`` (rank 0, atomic, newest K kept), ``tb/`` (TensorBoard), ``result.json``.
+config every rank trains), ``plan.json`` (these commands), ``logs/`` (per-rank stdout/stderr, per
+attempt), ``checkpoints/`` (rank 0, atomic, newest K kept), ``tb/`` (TensorBoard), ``result.json``,
+``attempts/<N>/`` (what each rank reported: progress, exit record, Python stacks after a hang) and
+``failure.json`` (the newest failed attempt: the first rank to fail, its host, exit code or signal,
+the tail of its traceback; also in ``attempts/<N>/``).
+
+Hangs: every rank reports its phase and step; one that makes no progress for ``--hang-timeout``
+(``--init-timeout`` before the first step, ``--checkpoint-timeout`` while saving) is named with
+every rank's phase and last step, all ranks' Python stacks are saved, and the run stops — or
+restarts, under ``--max-restarts``. Restarts wait ``--restart-backoff`` (doubled each time), and an
+attempt that failed before its first training step is not restarted. A rank whose own share of the
+step stays above 1.5x the median is named as a straggler (log and TensorBoard).
 Launching again into the same run directory resumes from its newest intact checkpoint;
 ``--no-resume`` starts at step 0 and moves the old checkpoints aside.
 
@@ -38,7 +48,7 @@ Every process of the run (runners, ranks, ssh clients, node agents) carries LAUN
 uuid, or the value already set in the launcher's environment (to find the run's processes by it): if
 the launcher dies, even by SIGKILL, a watchdog stops the processes carrying it within seconds.
 
-Exit status: 0 on success; 2 for bad input (nothing was started); the failing rank's exit code
-after a failure (the launcher prints which rank failed and the tail of its log); 130/143 after
-SIGINT/SIGTERM.
+Exit status: 0 on success; 2 for bad input (nothing was started); the exit code of the first rank
+to fail, on every backend (128+N for a signal: 137 for SIGKILL; the launcher prints which rank
+failed and the tail of its traceback); 124 after a hang; 130/143 after SIGINT/SIGTERM.
 """

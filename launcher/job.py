@@ -45,7 +45,7 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
     run_dir.mkdir(parents=True, exist_ok=True)
     # an earlier launch's rank records would read as this one's (attempt numbers start at 0 again); checkpoints
     # and TensorBoard go too under --no-resume. Node 0 does it before any rank can start.
-    kept = ("attempts", "failure.json", *(("checkpoints", "tb") if fresh else ()))
+    kept = (*(("checkpoints", "tb") if fresh else ()), "attempts", "failure.json")
     old = [run_dir / d for d in kept if (run_dir / d).exists()] if plan.node_rank == 0 else []
     if old:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -94,7 +94,7 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
         failure = watch.conclude()
         if code == 0:
             return 0
-        print(watch_describe(failure) if failure else
+        print(watch_describe(failure, hosts=plan.nnodes > 1) if failure else
               f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:]),
               file=sys.stderr, flush=True)
         if failure is not None:

@@ -74,11 +74,21 @@ def environ_of(pid: int) -> list[bytes]:
         return []
 
 
-def token_pids(token: str) -> list[int]:
-    """Live processes (not this one) whose environment carries ``TOKEN_VAR=token``: one run's, on this host."""
+def started(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22); None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def token_pids(token: str, since: int = 0) -> list[int]:
+    """Live processes (not this one) whose environment carries ``TOKEN_VAR=token`` and that started at ``since``
+    (clock ticks, see :func:`started`) or later: one run's, on this host. ``since``, the launcher's start, spares
+    what is older and carries the same token by no doing of the run: the shell that exported it, say."""
     entry, me = f"{TOKEN_VAR}={token}".encode(), os.getpid()
     return [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
-            if pid != me and entry in environ_of(pid)]
+            if pid != me and entry in environ_of(pid) and (started(pid) or 0) >= since]
 
 
 def parent_death_signal(sig: int) -> Callable[[], None]:

@@ -48,7 +48,7 @@ def remote_command(argv: Sequence[str], *, workdir: Path, python: str, env: Mapp
 
 def ssh_node(plan: LaunchPlan, host: str, cmd: Cmd) -> Cmd:
     """``cmd`` (one node's part of the job) run on ``host`` over ssh, under the node agent."""
-    env = {**plan.forwarded_env, **cmd.env}
+    env = {**plan.forwarded_env, **cmd.env, "LAUNCHER_HOST": host}  # the ranks name their host as the launcher does
     remote = remote_command(cmd.argv, workdir=plan.workdir, python=plan.python, env=env, marker=cmd.rank_marker)
     # the ssh client is a process of the run too: it carries the run's token (launcher/reaper.py)
     token = {TOKEN_VAR: env[TOKEN_VAR]} if TOKEN_VAR in env else {}

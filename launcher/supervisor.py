@@ -138,8 +138,8 @@ class Supervisor:
         assert self.watch is not None
         ended = self.watch.poll()
         if ended is not None and (failure := self.watch.failures.get(ended)):  # the runner restarted the ranks
-            print(describe(failure) + f"\nlauncher: the ranks were restarted (attempt {ended + 1})",
-                  file=sys.stderr, flush=True)
+            print(describe(failure, hosts=len(self.commands) > 1)
+                  + f"\nlauncher: the ranks were restarted (attempt {ended + 1})", file=sys.stderr, flush=True)
         stuck = self.watch.stalled() if self.deadline is None and self.ranks_killed_at is None else []
         if stuck:
             print(self.watch.report_hang(stuck), file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 HANG_EXIT_CODE = 124  # the launcher's exit status after a hang, as timeout(1)'s
 TRACEBACK_LINES = 30
+LOG_LINES = 15
 PHASES = ("init", "data", "step", "eval", "checkpoint", "failed", "done")  # within one step, in order
 
 
@@ -81,6 +82,7 @@ class Watch:
         self.started = time.monotonic()  # of the current attempt, as the launcher saw it begin
         self.hang: dict | None = None  # the current attempt's hang report, once found
         self.failures: dict[int, dict] = {}  # attempt -> its failure record
+        self.concluded: set[int] = set()  # attempts known to have ended
         self.host = socket.gethostname()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class Watch:
         ended = None
         newest = self._newest()
         if newest > self.attempt:
-            if self.attempt >= 0:
+            if self.attempt >= 0 and self.attempt not in self.concluded:  # the runner restarted (torchrun)
                 self.conclude()
                 ended = self.attempt
             self.attempt, self.ranks, self.hang, self.started = newest, {}, None, time.monotonic()
@@ -112,7 +114,7 @@ class Watch:
             rank = self.ranks.setdefault(record["rank"], Rank(record["rank"], seen=now))
             if record != rank.record:
                 rank.record, rank.seen = record, now
-            if (rank.died_at is None and record.get("host") == self.host and not _alive(record["pid"])
+            if (rank.died_at is None and record.get("hostname") == self.host and not _alive(record["pid"])
                     and not (self.folder() / f"rank{rank.rank}.exit.json").exists()):
                 rank.died_at = time.time()
         self._note_recovery()
@@ -174,8 +176,9 @@ class Watch:
             return True
         return any(e.get("trained") for e in self.exits(attempt).values())
 
-    def failure(self, attempt: int | None = None) -> dict | None:
-        """The attempt's first failure, from the exit records (and the deaths without one), or its hang."""
+    def failure(self, attempt: int | None = None, ended: bool = False) -> dict | None:
+        """The attempt's first failure, from the exit records (and the deaths without one), or its hang.
+        ``ended``: the attempt is over, so a rank without an exit record is dead."""
         attempt = self.attempt if attempt is None else attempt
         if attempt < 0:
             return None
@@ -186,42 +189,41 @@ class Watch:
         exits = self.exits(attempt)
         failed = [(rank, rec) for rank, rec in exits.items() if rec.get("exit_code")]
         own = [(rec["at"], rank, rec) for rank, rec in failed if not rec.get("peer_failed") and not rec.get("signal")]
-        if attempt == self.attempt:  # deaths without an exit record: SIGKILL, the OOM killer
-            own += [(r.died_at, r.rank, {"exit_code": 137, "signal": "SIGKILL", "at": r.died_at, "killed": True})
-                    for r in self.ranks.values() if r.died_at is not None and r.rank not in exits]
+        unrecorded = [r for r in self.ranks.values() if r.rank not in exits] if attempt == self.attempt else []
+        # deaths without an exit record (SIGKILL, the OOM killer) that the launcher saw on this host, when
+        own += [(r.died_at, r.rank, killed(r.died_at)) for r in unrecorded if r.died_at is not None]
         rest = [(rec["at"], rank, rec) for rank, rec in failed if rec.get("peer_failed") or rec.get("signal")]
+        if not own and ended:  # on another host the launcher cannot watch the pid: gone once the attempt ended
+            own = [(r.record.get("at", 0.0), r.rank, killed(r.record.get("at", 0.0))) for r in unrecorded]
         if not own and not rest:
             return None
         at, rank, rec = min(own or rest, key=lambda t: (t[0], t[1]))
         info = self.ranks.get(rank, Rank(rank)).record if attempt == self.attempt else {}
+        log = rec.get("log") or _str(self.log_of(rank, attempt))
         return {
             "attempt": attempt, "reason": "signal" if rec.get("signal") else "exit", "rank": rank,
             "host": info.get("host"), "local_rank": info.get("local_rank"), "pid": info.get("pid"),
             "exit_code": rec["exit_code"], "signal": rec.get("signal"), "at": at,
             "phase": info.get("phase"), "step": info.get("step"), "first_step_reached": self._trained(attempt),
             "note": "no exit record: killed by SIGKILL (a kill -9, or the OOM killer)" if rec.get("killed") else None,
-            "error_file": rec.get("error_file"), "log": rec.get("log") or _str(self.log_of(rank, attempt)),
-            "traceback": self._traceback(rec, rank, attempt),
+            "error_file": rec.get("error_file"), "log": log, "traceback": self._traceback(rec, rank, attempt),
+            "log_tail": _tail(log, LOG_LINES),
             "ranks": [{"rank": r, "exit_code": e["exit_code"], "signal": e.get("signal"),
                        "peer_failed": e.get("peer_failed")} for r, e in sorted(failed)]}
 
     def _traceback(self, rec: dict, rank: int, attempt: int) -> list[str]:
-        """The tail of the rank's traceback: its error file (torchrun's format), else its fatal-signal dump,
-        else the end of its log."""
+        """The tail of the rank's traceback: its error file (torchrun's format), else its fatal-signal dump."""
         error = read_json(Path(rec["error_file"])) if rec.get("error_file") else None
         if error is not None:
             info = error.get("message", {})
             text = info.get("extraInfo", {}).get("py_callstack") if isinstance(info, dict) else None
             return (text or str(info)).rstrip().splitlines()[-TRACEBACK_LINES:]
-        for path in (self.folder(attempt) / f"rank{rank}.stacks", rec.get("log") or self.log_of(rank, attempt)):
-            with contextlib.suppress(OSError, TypeError):
-                if lines := Path(path).read_text(errors="replace").rstrip().splitlines():
-                    return lines[-TRACEBACK_LINES:]  # a fatal signal's dump, else the end of the rank's log
-        return []
+        return _tail(self.folder(attempt) / f"rank{rank}.stacks", TRACEBACK_LINES)  # a fatal signal's dump
 
     def conclude(self) -> dict | None:
         """The current attempt ended: its final failure record (written), or None if it did not fail."""
-        record = self.failure()
+        self.concluded.add(self.attempt)
+        record = self.failure(ended=True)
         if record is not None:
             record["restarts_before"] = self.attempt
             self.failures[self.attempt] = record
@@ -251,24 +253,37 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def describe(record: dict) -> str:
-    """The console summary of a failure record."""
+def _tail(path: str | Path | None, lines: int) -> list[str]:
+    with contextlib.suppress(OSError, TypeError):
+        return Path(path).read_text(errors="replace").rstrip().splitlines()[-lines:]  # type: ignore[arg-type]
+    return []
+
+
+def killed(at: float) -> dict:
+    """The exit record of a rank that died without writing one."""
+    return {"exit_code": 137, "signal": "SIGKILL", "at": at, "killed": True}
+
+
+def describe(record: dict, hosts: bool = True) -> str:
+    """The console summary of a failure record (``hosts``: name the rank's host)."""
     if record["reason"] == "hang":
         return (f"launcher: attempt {record['attempt']} hung: rank {record['rank']} on {record['host']} "
                 f"(phase {record['phase']}, step {record['step']}); stacks: {record['stacks']}")
-    how = f"killed by {record['signal']}" if record.get("signal") else f"exit code {record['exit_code']}"
-    where = f" on {record['host']}" if record.get("host") else ""
-    lines = [f"launcher: attempt {record['attempt']}: rank {record['rank']}{where} failed first ({how})"
-             + (f"; log: {record['log']}" if record.get("log") else "")]
+    how = f"killed by signal {record['signal']}" if record.get("signal") else f"exit code {record['exit_code']}"
+    where = f" on {record['host']}" if hosts and record.get("host") else ""
+    lines = [f"launcher: rank {record['rank']}{where} failed ({how}), the first to fail in attempt "
+             f"{record['attempt']}" + (f"; log: {record['log']}" if record.get("log") else "")]
     if record.get("note"):
         lines.append(f"  {record['note']}")
     if record.get("traceback"):
         lines.append(f"---- its traceback ({record.get('error_file') or 'stacks'}) ----")
         lines += record["traceback"]
+    if record.get("log_tail"):
+        lines.append("---- the end of its log ----")
+        lines += record["log_tail"]
     others = [r for r in record.get("ranks", []) if r["rank"] != record["rank"]]
     if others:
-        lines.append("  then: " + ", ".join(
+        lines.append("then: " + ", ".join(
             f"rank {r['rank']} " + ("(a peer failed)" if r["peer_failed"] else
                                     f"({r['signal'] or 'exit ' + str(r['exit_code'])})") for r in others))
     return "\n".join(lines)
-

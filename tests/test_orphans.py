@@ -33,10 +33,11 @@ from test_multinode import long_fan_out, rank_processes, wait_until
 from launcher.cli import job_token
 from launcher.commands import LaunchOptions, LaunchPlan
 from launcher.plan import plan_launch
+from launcher.procs import started
 
 LONG = ["trainer.max_steps=1000000", "trainer.log_every=50", "trainer.eval_every=1000000",
         "trainer.checkpoint_every=1000000"]
-SLOW = {"LAUNCHER_TEST_SLOW_STEP_S": "0.02"}  # a few steps per second: the run is mid-training when killed
+SLOW = {"LAUNCHER_TEST_SLOW_STEP_S": "0.02"}  # slowed steps: the run is still mid-training when it is killed
 WITHIN_S = 10.0
 
 
@@ -131,26 +132,35 @@ def test_other_jobs_processes_survive(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_reaper_kills_what_ignores_sigterm_and_nothing_after_done() -> None:
-    """The watchdog alone: SIGKILL after the grace for a process that ignores SIGTERM; ``done`` stops nothing."""
+def test_reaper_kills_what_ignores_sigterm_spares_the_older_and_stops_nothing_after_done() -> None:
+    """The watchdog alone: SIGKILL after the grace for a process that ignores SIGTERM; a process that carries the
+    token but is older than the launcher (the shell that exported it) is spared; ``done`` stops nothing."""
     token = uuid.uuid4().hex
     stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "time.sleep(600)"]
     env = {**os.environ, TOKEN_VAR: token}
-    for clean in (True, False):
-        victim = subprocess.Popen(stubborn, env=env)
-        reaper = subprocess.Popen([sys.executable, "-m", "launcher.reaper", token], cwd=ROOT, stdin=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        assert reaper.stdin is not None
-        if clean:
-            reaper.stdin.write(b"done\n")
-        reaper.stdin.close()
-        assert reaper.wait(timeout=WITHIN_S) == 0
-        if clean:
-            assert victim.poll() is None
-            victim.kill()
-        assert victim.wait(timeout=WITHIN_S) == (-signal.SIGKILL)
-        assert token_processes(token) == []
+    older = subprocess.Popen(stubborn, env=env)
+    try:
+        time.sleep(0.1)  # some clock ticks
+        for clean in (True, False):
+            victim = subprocess.Popen(stubborn, env=env)  # started with the "launcher"
+            since = started(victim.pid)
+            assert since is not None and since > (started(older.pid) or since)
+            reaper = subprocess.Popen([sys.executable, "-m", "launcher.reaper", token, str(since)], cwd=ROOT,
+                                      stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert reaper.stdin is not None
+            if clean:
+                reaper.stdin.write(b"done\n")
+            reaper.stdin.close()
+            assert reaper.wait(timeout=WITHIN_S) == 0
+            if clean:
+                assert victim.poll() is None
+                victim.kill()
+            assert victim.wait(timeout=WITHIN_S) == (-signal.SIGKILL)
+            assert token_processes(token) == [older.pid]
+    finally:
+        older.kill()
+        older.wait()
 
 
 def agent_argv(*command: str) -> list[str]:

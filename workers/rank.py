@@ -77,8 +77,9 @@ def setup() -> None:
         if signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, _record_and_die)
     progress.start(base.with_suffix(".progress"),
-                   {"rank": env.rank, "local_rank": env.local_rank, "host": socket.gethostname(),
-                    "pid": os.getpid(), "attempt": attempt})
+                   {"rank": env.rank, "local_rank": env.local_rank, "pid": os.getpid(), "attempt": attempt,
+                    "host": os.environ.get("LAUNCHER_HOST") or socket.gethostname(),  # the hostfile's name
+                    "hostname": socket.gethostname()})
     if attempt > 0:
         delay = min(float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0) * 2 ** (attempt - 1), MAX_BACKOFF_S)
         if delay and env.rank == 0:

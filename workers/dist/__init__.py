@@ -3,9 +3,12 @@ the mpi4py bootstrap and the pre-flight check."""
 
 from __future__ import annotations
 
-from workers.config import DDPConfig
-from workers.dist.comm import Comm
-from workers.dist.env import DistEnv
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dist.env` (workers/rank.py reads it)
+    from workers.config import DDPConfig
+    from workers.dist.comm import Comm
+    from workers.dist.env import DistEnv
 
 
 def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:

@@ -1,0 +1,79 @@
+"""workers.rank: a program run under it records how it ended, unmodified otherwise (real processes, no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+
+def run_rank(tmp_path: Path, code: str, *, rank: int = 1, attempt: int = 0, **env: str) -> subprocess.Popen:
+    script = tmp_path / "prog.py"
+    script.write_text(code)
+    return subprocess.Popen([sys.executable, "-m", "workers.rank", str(script), "--flag"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "LAUNCHER_RUN_DIR": str(tmp_path),
+                                 "RANK": str(rank), "WORLD_SIZE": "2", "LAUNCHER_ATTEMPT": str(attempt), **env})
+
+
+def record(tmp_path: Path, rank: int = 1, attempt: int = 0, kind: str = "exit.json") -> dict:
+    return json.loads((tmp_path / "attempts" / str(attempt) / f"rank{rank}.{kind}").read_text())
+
+
+def test_exit_code_argv_and_main_are_the_programs(tmp_path: Path) -> None:
+    proc = run_rank(tmp_path, "import sys\nprint(__name__, sys.argv[1:])\nsys.exit(3)\n")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and out.strip() == "__main__ ['--flag']"
+    assert (record(tmp_path)["exit_code"], record(tmp_path)["signal"]) == (3, None)
+    assert record(tmp_path, kind="progress")["phase"] == "failed"
+
+
+def test_an_exception_is_recorded_in_torchruns_error_file_format(tmp_path: Path) -> None:
+    proc = run_rank(tmp_path, "raise ValueError('bad thing')\n")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "ValueError: bad thing" in err
+    rec = record(tmp_path)
+    error = json.loads(Path(rec["error_file"]).read_text())
+    assert error["message"]["message"] == "ValueError: bad thing"
+    assert "ValueError: bad thing" in error["message"]["extraInfo"]["py_callstack"]
+
+
+def test_an_unhandled_sigterm_is_recorded_and_still_kills(tmp_path: Path) -> None:
+    proc = run_rank(tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(60)\n")
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGTERM  # died of it, as without the wrapper
+    assert (record(tmp_path)["signal"], record(tmp_path)["exit_code"]) == ("SIGTERM", 143)
+
+
+def test_sigusr2_dumps_every_threads_stack(tmp_path: Path) -> None:
+    proc = run_rank(tmp_path, "import time\ndef waiting_here():\n    time.sleep(60)\nprint('up', flush=True)\n"
+                              "waiting_here()\n")
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+    proc.send_signal(signal.SIGUSR2)
+    stacks = tmp_path / "attempts" / "0" / "rank1.stacks"
+    deadline = time.monotonic() + 30
+    while "waiting_here" not in stacks.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert "waiting_here" in stacks.read_text()
+
+
+@pytest.mark.parametrize(("attempt", "waits"), [(0, False), (1, True)])
+def test_a_restart_waits_the_backoff(tmp_path: Path, attempt: int, waits: bool) -> None:
+    began = time.monotonic()
+    proc = run_rank(tmp_path, "pass\n", rank=0, attempt=attempt, LAUNCHER_RESTART_BACKOFF_S="1.5")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and record(tmp_path, rank=0, attempt=attempt)["exit_code"] == 0
+    assert ("backoff" in out) == waits
+    if waits:
+        assert time.monotonic() - began >= 1.5
