@@ -16,9 +16,10 @@ from pathlib import Path
 
 from bench.common import RESULTS, save
 from bench.data_suite import data
+from bench.recovery_suite import recovery
 from bench.suites import SUITES
 
-SUITES = {**SUITES, "data": data}  # bench/data_suite.py
+SUITES = {**SUITES, "data": data, "recovery": recovery}  # bench/data_suite.py, bench/recovery_suite.py
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +51,27 @@ def launch(run_dir: Path, *args: str, timeout: float = 900) -> float:
     return start
 
 
+# backend -> what one types by hand to start its bare baseline on 2 local ranks (the script follows)
+BARE = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "bench/minimal_ddp.py"],
+    "mpi": ["mpirun", "-np", "2", "-H", "localhost:2", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+            sys.executable, "bench/minimal_ddp.py"],
+    "horovod": ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "bench/minimal_horovod.py"],
+}
+
+
+def bare_run(backend: str, steps: int, interval: int, batch: int = 64) -> dict[str, float]:
+    """Run a bare baseline (bench/minimal_*.py under its runner alone): rank 0's JSON line."""
+    out = subprocess.run([*BARE[backend], str(steps), str(interval), str(batch)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    # horovodrun prefixes each line with "[0]<stdout>:"
+    lines = [ln[ln.index("{"):] for ln in out.stdout.splitlines() if '{"samples_per_s"' in ln]
+    if not lines:  # the measurement is printed before teardown; only its absence is a failure
+        raise RuntimeError(f"bare {backend} printed no result ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float, float]]:
     """(step, value, wall_time) of one TensorBoard tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -67,12 +90,21 @@ def steady_rate(run_dir: Path) -> float:
 def save(suite: str, payload: dict[str, object], plot: Callable[[Path], None], results: Path = RESULTS) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"{suite}.json"
-    out.write_text(json.dumps({"suite": suite, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}, indent=1))
+    stamp = {"suite": suite, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine()}
+    out.write_text(json.dumps({**stamp, **payload}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
     plot(results / f"{suite}.png")
     return out
+
+
+def machine() -> str:
+    """Where a result was measured, in a few words (the check's table shows it)."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()}: {os.cpu_count()} cores, {device}, torch {torch.__version__.split('+')[0]}"
 
 
 def bar_plot(path: Path, title: str, stats: dict[str, Stat], ylabel: str) -> None:
@@ -85,6 +117,27 @@ def bar_plot(path: Path, title: str, stats: dict[str, Stat], ylabel: str) -> Non
     ax.bar(names, meds, yerr=errs, capsize=4, color="#4c72b0")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pair_plot(path: Path, title: str, pairs: dict[str, tuple[Stat, Stat]], labels: tuple[str, str],
+              ylabel: str) -> None:
+    """Two bars per group (e.g. a backend through the launcher and its bare runner), min-max as error bars."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    width = 0.38
+    for side, (label, color) in enumerate(zip(labels, ("#4c72b0", "#a0a0a0"), strict=True)):
+        stats = [pair[side] for pair in pairs.values()]
+        xs = [i + (side - 0.5) * width for i in range(len(pairs))]
+        errs = [[s.median - s.lo for s in stats], [s.hi - s.median for s in stats]]
+        ax.bar(xs, [s.median for s in stats], width, yerr=errs, capsize=4, color=color, label=label)
+    ax.set_xticks(range(len(pairs)), list(pairs))
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

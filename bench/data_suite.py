@@ -218,6 +218,7 @@ def data(repeats: int, tiny: bool) -> Result:
         ratios["workers_2_to_0_2ranks"] = ratio("2 ranks, 2 workers", "2 ranks, 0 workers")
     payload = {"samples_per_s": {k: v.as_dict() for k, v in stats.items()}, "ratios": ratios,
                "goal_workers_2_to_0_1rank": 1.6, "goal_fast_path_to_plain": 1.0, "item_ms": cost,
+               "goals": {"ratios.workers_2_to_0_1rank": ">= 1.6", "ratios.fast_path_to_plain": ">= 1.0"},
                "method": "python -m launcher runs of the built-in trainer; perf/samples_per_s from TensorBoard, "
                          "median over logging intervals after the first. loader: rows: TrainLoader alone, "
                          "in the suite's process, batches dropped",
