@@ -3,6 +3,7 @@
     python -m bench                      # every suite
     python -m bench overhead checkpoint  # some suites
     python -m bench --tiny --repeats 1   # seconds: a smoke run (what the tests do)
+    python -m bench check [--readme]     # the latest results against their goals (bench/check.py)
 
 Each suite prints a table and writes bench/results/<suite>.json and <suite>.png. Comparisons run
 interleaved, repeated (median, min, max), because absolute times on a shared machine are noise.
@@ -23,6 +24,11 @@ SUITES = {**SUITES, "data": data, "recovery": recovery}  # bench/data_suite.py, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:  # not a suite: reads the results, measures nothing
+        from bench.check import main as check
+
+        return check(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", choices=[*SUITES, []], help=f"default: all of {', '.join(SUITES)}")

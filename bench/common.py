@@ -123,21 +123,27 @@ def bar_plot(path: Path, title: str, stats: dict[str, Stat], ylabel: str) -> Non
 
 
 def pair_plot(path: Path, title: str, pairs: dict[str, tuple[Stat, Stat]], labels: tuple[str, str],
-              ylabel: str) -> None:
-    """Two bars per group (e.g. a backend through the launcher and its bare runner), min-max as error bars."""
+              ylabel: str, notes: dict[str, str] | None = None) -> None:
+    """Two bars per group (e.g. a backend through the launcher and its bare runner), min-max as error bars,
+    and a note above each group (e.g. the ratio)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     width = 0.38
     for side, (label, color) in enumerate(zip(labels, ("#4c72b0", "#a0a0a0"), strict=True)):
         stats = [pair[side] for pair in pairs.values()]
         xs = [i + (side - 0.5) * width for i in range(len(pairs))]
         errs = [[s.median - s.lo for s in stats], [s.hi - s.median for s in stats]]
         ax.bar(xs, [s.median for s in stats], width, yerr=errs, capsize=4, color=color, label=label)
+    top = max(s.hi for pair in pairs.values() for s in pair)
+    for i, name in enumerate(pairs):
+        if notes and name in notes:
+            ax.text(i, top * 1.04, notes[name], ha="center", va="bottom")
+    ax.set_ylim(0, top * 1.3)  # room for the notes and the legend
     ax.set_xticks(range(len(pairs)), list(pairs))
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -36,19 +36,25 @@ def _trainer_args(steps: int, interval: int, batch: int = 64) -> list[str]:
 
 
 def overhead(repeats: int, tiny: bool) -> Result:
-    """Launcher + built-in trainer vs bare torchrun + a minimal loop: steps/s and time to first step."""
-    steps, interval = (60, 20) if tiny else (3000, 250)
+    """Launcher + built-in trainer vs bare torchrun + a minimal loop: samples/s, the per-step overhead, time to first
+    step (the end of rank 0's first step, both sides); the launcher's start-up by phase; a profile of the steps."""
+    from bench import overhead_detail as detail
+
+    steps, interval, batch, ranks = (60, 20, 64, 2) if tiny else (3000, 250, 64, 2)
+    args = ["--gpus", str(ranks), *_trainer_args(steps, interval, batch)]
     first: dict[str, list[float]] = {"launcher": [], "torchrun": []}
+    splits: list[dict[str, float]] = []
 
     def via_launcher() -> float:
         with tempfile.TemporaryDirectory() as d:
-            start = launch(Path(d), "--gpus", "2", *_trainer_args(steps, interval))
-            first["launcher"].append(scalars(Path(d), "lr")[0][2] - start)
+            start = launch(Path(d), *args)
+            first["launcher"].append(detail.first_step_at(Path(d)) - start)
+            splits.append(detail.startup_split(Path(d), start))
             return steady_rate(Path(d))
 
     def via_torchrun() -> float:
         start = time.time()
-        record = bare_run("torchrun", steps, interval)
+        record = bare_run("torchrun", steps, interval, batch)
         first["torchrun"].append(record["first_step_time"] - start)
         return record["samples_per_s"]
 
@@ -56,15 +62,40 @@ def overhead(repeats: int, tiny: bool) -> Result:
     ttfs = {k: Stat.of(v) for k, v in first.items()}
     ratio = stats["launcher"].median / stats["torchrun"].median
     ttfs_ratio = ttfs["launcher"].median / ttfs["torchrun"].median
+    samples_per_step = batch * ranks
+    bare_step_us = samples_per_step / stats["torchrun"].median * 1e6
+    step_overhead_us = samples_per_step / stats["launcher"].median * 1e6 - bare_step_us
+    split = {phase: Stat.of([s[phase] for s in splits]) for phase in detail.PHASES}
+    with tempfile.TemporaryDirectory() as d:
+        prof = detail.profile_run(Path(d), args)
+        profile = detail.profile_rows(prof, steps)
+        profiled_us = detail.total_us_per_step(prof, steps)
+        by_source = detail.own_time_by_source(prof, steps)
     payload = {"samples_per_s": {k: v.as_dict() for k, v in stats.items()},
                "time_to_first_step_s": {k: v.as_dict() for k, v in ttfs.items()},
                "ratio_steps_per_s": ratio, "goal_ratio_steps_per_s": 0.99,
                "ratio_time_to_first_step": ttfs_ratio, "goal_ratio_time_to_first_step": 1.10,
-               "config": {"ranks": 2, "steps": steps, "batch_per_rank": 64, "threads_per_rank": 1}}
+               "goals": {"ratio_steps_per_s": ">= 0.99", "ratio_time_to_first_step": "<= 1.1"},
+               "step_overhead_us": step_overhead_us, "bare_step_us": bare_step_us,
+               "launcher_startup_s": {k: v.as_dict() for k, v in split.items()},
+               "profile": {"steps": steps, "us_per_step": profiled_us, "top_own_time": profile,
+                           "own_us_per_step_by_source": by_source},
+               "config": {"ranks": ranks, "steps": steps, "batch_per_rank": batch, "threads_per_rank": 1}}
     rows = [(k, stats[k].median, stats[k].lo, stats[k].hi, ttfs[k].median) for k in stats]
     text = table(rows, ("runner", "samples/s", "min", "max", "first step s"))
     text += f"\nratio launcher/torchrun steps/s: {ratio:.3f} (goal >= 0.99)"
+    text += (f"\nper-step overhead: {step_overhead_us:+.1f} us on a {bare_step_us:.0f} us bare step "
+             f"({step_overhead_us / bare_step_us:+.1%}; medians, {samples_per_step} samples a step)")
     text += f"\nratio time to first step: {ttfs_ratio:.3f} (goal <= 1.10)"
+    text += "\n\nlauncher start-up to the end of the first step, by phase (median s; ranks: torchrun, ranks, step 1):\n"
+    text += table([(phase, split[phase].median, split[phase].lo, split[phase].hi) for phase in detail.PHASES],
+                  ("phase", "s", "min", "max"))
+    text += (f"\n\nprofile of rank 0's training loop (cProfile: {steps} steps, {profiled_us:.0f} us a step, the "
+             "profiler's own cost included): own time by source (builtins where they are called):\n")
+    text += table(list(by_source.items()), ("source", "own us/step"))
+    text += "\nmost own time by function:\n"
+    text += table([(r["function"], r["own_us_per_step"], r["total_us_per_step"], r["calls_per_step"])
+                   for r in profile], ("function", "own us/step", "total us/step", "calls/step"))
     return payload, lambda p: bar_plot(p, "overhead: samples/s (2 CPU ranks)", stats, "samples/s"), text
 
 
@@ -72,6 +103,8 @@ def backends(repeats: int, tiny: bool) -> Result:
     """Each backend through the launcher vs its bare runner (torchrun, mpirun, horovodrun + a minimal loop)."""
     import importlib.util
     import shutil
+
+    from bench.data_suite import Neighbours
 
     steps, interval = (60, 20) if tiny else (2000, 250)
     names = ["torchrun"]
@@ -90,9 +123,12 @@ def backends(repeats: int, tiny: bool) -> Result:
     def bare(backend: str) -> Callable[[], float]:
         return lambda: bare_run(backend, steps, interval)["samples_per_s"]
 
-    # each backend right beside its bare runner, in every round
-    measures = {f"{kind} {b}": fn(b) for b in names for kind, fn in (("launcher", via_launcher), ("bare", bare))}
+    # each backend right beside its bare runner, in every round; how busy the rest of the machine was, beside
+    neighbours = Neighbours()
+    measures = {f"{kind} {b}": neighbours.measure(fn(b))
+                for b in names for kind, fn in (("launcher", via_launcher), ("bare", bare))}
     stats = interleaved(measures, repeats)
+    busy = {name: neighbours.shares[i::len(measures)] for i, name in enumerate(measures)}
     launched = {b: stats[f"launcher {b}"] for b in names}
     anchors = {b: stats[f"bare {b}"] for b in names}
     to_bare = {b: launched[b].median / anchors[b].median for b in names}
@@ -103,15 +139,19 @@ def backends(repeats: int, tiny: bool) -> Result:
                "ratio_to_bare": to_bare, "ratio_to_torchrun": to_torchrun,
                "goals": {f"ratio_to_bare.{b}": f">= {goal}" for b in names},
                "bare_commands": {b: " ".join(BARE[b]) + " STEPS INTERVAL BATCH" for b in names},
+               "neighbours_cpu_share": busy,  # per measurement, in round order: other processes' share of the CPU
                "config": {"ranks": 2, "steps": steps, "log_every": interval, "batch_per_rank": 64,
                           "threads_per_rank": 1}}
     rows = [(b, launched[b].median, anchors[b].median, f"{launched[b].lo:.0f}-{launched[b].hi:.0f}",
              f"{anchors[b].lo:.0f}-{anchors[b].hi:.0f}", to_bare[b], to_torchrun[b]) for b in names]
     text = table(rows, ("backend", "samples/s", "bare", "min-max", "bare min-max", "to bare", "to torchrun"))
     text += f"\ngoal: each backend >= {goal} of its bare runner; the ratio to torchrun is information"
+    if neighbours.shares:
+        text += f"\nother processes used up to {max(neighbours.shares):.0%} of the machine's CPU in a measurement"
     pairs = {b: (launched[b], anchors[b]) for b in names}
+    notes = {b: f"{to_bare[b]:.2f} of bare" for b in names}
     return payload, lambda p: pair_plot(p, "backends vs their bare runners: samples/s (2 CPU ranks)", pairs,
-                                        ("python -m launcher", "bare runner"), "samples/s"), text
+                                        ("python -m launcher", "bare runner"), "samples/s", notes), text
 
 
 def scaling(repeats: int, tiny: bool) -> Result:
@@ -303,8 +343,9 @@ def lm(repeats: int, tiny: bool) -> Result:
         return run
 
     stats = interleaved({name: measure(extra) for name, extra in variants.items()}, repeats)
-    model = GPT(shape["data.vocab_size"], shape["data.context"], shape["model.layers"], shape["model.heads"],
-                shape["model.width"])
+    with torch.device("meta"):  # the shape is all the count needs: no 124M weights to allocate
+        model = GPT(shape["data.vocab_size"], shape["data.context"], shape["model.layers"], shape["model.heads"],
+                    shape["model.width"])
     fpt = flops_per_token(model)
     device, peak = device_peak()
     peak_source = ("datasheet, dense bf16" if gpu_peak(device) else "measured bf16 matmul") if cuda \
@@ -317,7 +358,7 @@ def lm(repeats: int, tiny: bool) -> Result:
                "steps": steps, "shape": shape,
                "reference": "nanoGPT and torchtitan report about 0.40 MFU for GPT-2 small on A100/H100",
                # an MFU goal only means something against a GPU's tensor-core peak, not the CPU probe
-               "goals": {f"mfu.{fastest}": ">= 0.45"} if cuda else {}}
+               "goals": {f"mfu.{fastest}": ">= 0.45"} if cuda and not tiny else {}}
     text = table([(k, stats[k].median, stats[k].lo, stats[k].hi, mfu[k]) for k in stats],
                  ("setting", "tokens/s", "min", "max", "MFU"))
     text += (f"\nfastest here: {fastest}; {fpt} FLOPs/token; peak per rank {peak / 1e9:.1f} GFLOP/s ({device}, "

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import shlex
+import shutil
 import socket
 import sys
 import time
@@ -12,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from launcher import __doc__ as MANUAL
-from launcher import job, resume, slurm_env, slurm_submit
+from launcher import job, preflight, resume, slurm_env, slurm_submit
 from launcher.backends import backend_names, get_backend
 from launcher.commands import LaunchOptions
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
@@ -42,6 +46,17 @@ def _number(kind: type, low: float, high: float = float("inf")) -> Callable[[str
     return parse
 
 
+def NODES(text: str) -> int | tuple[int, int]:  # noqa: N802 - an argparse type, named like the others
+    """``N`` or ``MIN:MAX`` (torchrun's --nnodes)."""
+    low, colon, high = text.partition(":")
+    if not colon:
+        return COUNT(text)
+    least, most = COUNT(low), COUNT(high)
+    if least > most:
+        raise argparse.ArgumentTypeError(f"{text}: MIN must not exceed MAX")
+    return (least, most)
+
+
 COUNT, INDEX, PORT, SECONDS = _number(int, 1), _number(int, 0), _number(int, 1, 65535), _number(float, 0)
 
 
@@ -51,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. optimizer=sgd optimizer.lr=0.05")
     g = p.add_argument_group("job shape")
-    g.add_argument("--nodes", type=COUNT, default=None, help="number of nodes (default 1; in Slurm: the allocation's)")
+    g.add_argument("--nodes", type=NODES, default=None,
+                   help="number of nodes (default 1; in Slurm: the allocation's), or MIN:MAX for an elastic job: a "
+                        "node that dies is dropped and the others go on from the last checkpoint (torchrun)")
     g.add_argument("--gpus", type=COUNT, default=None,
                    help="ranks per node: one GPU each; CPU ranks on gloo when there is no CUDA "
                         "(default: all GPUs, or 1 CPU rank)")
@@ -94,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a shell line run before training, e.g. --setup 'module load cuda' (repeatable)")
     sl.add_argument("--usr1-before", type=INDEX, default=120, metavar="S",
                     help="Slurm sends USR1 this many seconds before the time limit: checkpoint + requeue")
+    m = p.add_argument_group("sweeps (Hydra multirun: a=1,2 b=x,y runs every combination; launcher/sweep.py)")
+    m.add_argument("-m", "--multirun", action="store_true",
+                   help="a sweep: one run per member in RUNS_ROOT/NAME/<member>/, with summary.csv")
+    m.add_argument("--max-parallel", type=COUNT, default=None, metavar="K",
+                   help="with --slurm: at most K array tasks at once (default: all)")
+    m.add_argument("--objective", default=None, metavar="KEY",
+                   help="what a sweeper plugin (hydra/sweeper=optuna) optimizes: a result.json key or train/loss "
+                        "(default test/loss)")
     r = p.add_argument_group("run directory")
     r.add_argument("--run-dir", type=Path, default=None, help="default: RUNS_ROOT/NAME or RUNS_ROOT/<timestamp>")
     r.add_argument("--name", default=None, help="run name; rerunning a name resumes it")
@@ -102,11 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start at step 0; earlier checkpoints and TensorBoard files are moved aside, not deleted")
     r.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help="Hydra config directory")
     p.add_argument("--dry-run", action="store_true", help="print the exact commands and env; start nothing")
+    p.add_argument("--preflight", action="store_true",
+                   help="first check every host (versions, GPUs, port, all-reduce bandwidth); exit 2 on a problem")
     return p
 
 
 def parse_hostfile(path: Path) -> list[str]:
-    """DeepSpeed/MPI 'host slots=N' or horovod 'host:N' lines -> ['host:N', ...]; '#' starts a comment."""
+    """DeepSpeed/MPI 'host slots=N [gpus=0,2]' or horovod 'host:N' lines -> ['host:N', 'host:N@0,2', ...];
+    '#' starts a comment. ``gpus=`` pins the GPUs that host's ranks use (CUDA_VISIBLE_DEVICES)."""
     if not path.is_file():
         raise UsageError(f"hostfile {path} does not exist")
     hosts = []
@@ -115,15 +143,21 @@ def parse_hostfile(path: Path) -> list[str]:
         if not line:
             continue
         parts = line.split()
+        devices = ""
+        if len(parts) == 3 and parts[2].startswith("gpus="):
+            devices = parts.pop()[len("gpus="):]
+            if not all(d.isdigit() for d in devices.split(",")):
+                raise UsageError(f"{path}:{number}: bad gpus= in {raw.strip()!r}: expected GPU indices, e.g. gpus=0,2")
         name, colon, slots = parts[0].partition(":")
         if len(parts) == 2 and not colon and parts[1].startswith("slots="):
             colon, slots = ":", parts[1][len("slots="):]
         elif len(parts) != 1:
             name = ""
         if name and (not colon or slots.isdigit() and int(slots) > 0):
-            hosts.append(f"{name}{colon}{slots}")
+            hosts.append(f"{name}{colon}{slots}" + (f"@{devices}" if devices else ""))
         else:
-            raise UsageError(f"{path}:{number}: bad hostfile line {raw.strip()!r}: expected 'host slots=N' or 'host:N'")
+            raise UsageError(f"{path}:{number}: bad hostfile line {raw.strip()!r}: expected 'host slots=N "
+                             "[gpus=0,1]' or 'host:N'")
     if not hosts:
         raise UsageError(f"hostfile {path} lists no hosts")
     return hosts
@@ -145,7 +179,7 @@ def job_token(env: Mapping[str, str]) -> str:
 
 def cuda_device_count() -> int:
     # no NVIDIA device node: no CUDA, and no need to pay torch's import time before starting anything
-    if not list(Path("/dev").glob("nvidia[0-9]*")):
+    if not (list(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists()):  # dxg: WSL2's GPUs
         return 0
     import torch
 
@@ -157,8 +191,15 @@ def run_dir_of(args: argparse.Namespace) -> Path:
     return (args.run_dir or args.runs_root / (args.name or time.strftime("%Y%m%d-%H%M%S"))).resolve()
 
 
+def split_nodes(args: argparse.Namespace) -> None:
+    """``--nodes MIN:MAX`` -> args.min_nodes, args.nodes (MAX); plain ``--nodes N`` -> both N."""
+    if isinstance(args.nodes, tuple) or not hasattr(args, "min_nodes"):
+        args.min_nodes, args.nodes = args.nodes if isinstance(args.nodes, tuple) else (args.nodes, args.nodes)
+
+
 def options_from_args(args: argparse.Namespace, program: list[str],
                       env: Mapping[str, str] | None = None) -> LaunchOptions:
+    split_nodes(args)
     alloc = slurm_env.allocation(env or {})
     hosts = args.hosts.split(",") if args.hosts else []
     if alloc is not None and args.backend != "torchrun" and not hosts and args.hostfile is None:
@@ -173,6 +214,7 @@ def options_from_args(args: argparse.Namespace, program: list[str],
         hosts += parse_hostfile(args.hostfile)
     return LaunchOptions(
         backend=args.backend, nodes=1 if args.nodes is None else args.nodes, gpus=args.gpus,
+        min_nodes=args.min_nodes if args.min_nodes != args.nodes else None,
         node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, hosts=tuple(hosts),
         controller=args.controller, network_interface=args.network_interface, timeline=args.timeline,
@@ -187,13 +229,20 @@ def options_from_args(args: argparse.Namespace, program: list[str],
 
 
 def run(argv: list[str]) -> int:
+    if argv[:1] == ["preflight"]:  # python -m launcher preflight [--hosts …]: launcher/preflight.py
+        return preflight.main(argv[1:], os.environ)
     program: list[str] = []
+    raw = list(argv)  # as given: a launcher started again per node (srun) gets the same words
     if "--" in argv:
         cut = argv.index("--")
         argv, program = argv[:cut], argv[cut + 1 :]
         if not program:
             raise UsageError("nothing after `--`: expected `-- script.py args` or `-- -m module args`")
     args = build_parser().parse_intermixed_args(argv)
+    STARTUP.clear()
+    STARTUP["parsed"] = time.time()
+    split_nodes(args)
+    args.raw_argv = raw
     if program and args.overrides:
         raise UsageError(f"config overrides {args.overrides} apply to the built-in trainer only, "
                          "not to a script given after `--`")
@@ -201,12 +250,44 @@ def run(argv: list[str]) -> int:
         raise UsageError("`-- -m` needs a module: `-- -m package.module args`")
     if program and program[0] != "-m" and not Path(program[0]).is_file():
         raise UsageError(f"script {program[0]} not found (working directory: {Path.cwd()})")
-    cfg = None if program else compose_config(args.overrides, args.config_dir)
+    if args.multirun:
+        from launcher import sweep  # it imports this module
+
+        return sweep.run(args, program)
+    if args.max_parallel or args.objective:
+        raise UsageError("--max-parallel and --objective are for sweeps. HINT: add -m")
+    return run_one(args, program)
+
+
+def srun_each_node(alloc: slurm_env.Allocation, args: argparse.Namespace) -> int:
+    """Inside ``salloc -N2`` (no srun step): start this very command on every node of the allocation."""
+    argv = slurm_env.srun_argv(alloc, sys.executable, args.raw_argv)
+    if args.dry_run:
+        print(f"launcher: dry run; a {alloc.nodes}-node Slurm allocation outside srun: would run\n  {shlex.join(argv)}")
+        return 0
+    if shutil.which("srun") is None:
+        raise UsageError(f"inside a {alloc.nodes}-node Slurm allocation but not in an srun step, and srun is not on "
+                         f"PATH. HINT: {shlex.join(argv)}")
+    print(f"launcher: {alloc.nodes}-node Slurm allocation outside srun: starting one launcher per node with srun",
+          flush=True)
+    # the launcher per node takes nodes, node rank and master from SLURM_*; the master as the templates find it
+    addr = os.environ.get("MASTER_ADDR") or slurm_env.node_addr(alloc.hosts[0]) or alloc.hosts[0]
+    os.execvpe(argv[0], argv, {**os.environ, "MASTER_ADDR": addr})
+
+
+def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = None) -> int:
+    """One run from parsed arguments: a sweep member too (launcher/sweep.py), with its config composed already."""
+    if cfg is None and not program:
+        cfg = compose_config(args.overrides, args.config_dir)
+        STARTUP["composed"] = time.time()
     if args.slurm:
         return slurm_job(args, program)
     if args.wait:
         raise UsageError("--wait only applies to --slurm")
-    opts = options_from_args(args, program, os.environ)
+    opts = options_from_args(args, program, os.environ)  # inside Slurm: checks the flags against the job
+    alloc = slurm_env.allocation(os.environ)
+    if alloc is not None and args.backend == "torchrun" and slurm_env.outside_step(os.environ, alloc):
+        return srun_each_node(alloc, args)
     plan = plan_launch(opts, device_count=cuda_device_count(), free_port=free_port(),
                        cpu_count=os.cpu_count() or 1, python=sys.executable, env=os.environ,
                        is_root=os.geteuid() == 0, job_token=job_token(os.environ))
@@ -221,15 +302,36 @@ def run(argv: list[str]) -> int:
     if alloc is not None:
         print(f"launcher: Slurm job {alloc.job_id}, restart count {alloc.restart_count}, node {alloc.node_rank} of "
               f"{alloc.nodes}", flush=True)
+    if args.preflight and (code := preflight.gate(plan, os.environ)):  # a failing or slow host: nothing starts
+        return code
     remote_hosts = [h for h, _ in plan.hosts if h not in ("localhost", "127.0.0.1")]
     if remote_hosts and alloc is None:  # before anything starts: every host answers over ssh (Slurm: srun)
         check_hosts(remote_hosts, config=plan.ssh_config, timeout=plan.ssh_timeout, workdir=plan.workdir,
                     python=plan.python)
-    return job.launch(plan, cfg, fresh=args.no_resume, history=history)
+    STARTUP["planned"] = time.time()
+    try:
+        return job.launch(plan, cfg, fresh=args.no_resume, history=history)
+    finally:
+        if plan.node_rank == 0:
+            record_startup(plan.run_dir)
 
 
-def slurm_job(args: argparse.Namespace, program: list[str]) -> int:
-    """Render the matching slurm/ template for these arguments and submit it (or print it: --dry-run)."""
+# wall-clock times of the launcher's own start-up, phase by phase (record_startup)
+STARTUP: dict[str, float] = {}
+
+
+def record_startup(run_dir: Path) -> None:
+    """RUN_DIR/startup.json: when the launcher had parsed its arguments, composed the config (and checked the
+    user's targets), made the plan (and its pre-flight checks), and written the run directory — ``spawned``,
+    plan.json's time: the runner starts right after it. ``python -m bench overhead`` prints the phases."""
+    with contextlib.suppress(OSError):  # a report, not part of the run
+        marks = {**STARTUP, "spawned": (run_dir / "plan.json").stat().st_mtime}
+        (run_dir / "startup.json").write_text(json.dumps(marks, indent=1))
+
+
+def slurm_job(args: argparse.Namespace, program: list[str], array: str | None = None) -> int:
+    """Render the matching slurm/ template for these arguments and submit it (or print it: --dry-run).
+    ``array``: a sweep's ``0-N%K`` (launcher/sweep.py); the run directory is then the sweep's."""
     run_dir = run_dir_of(args)
     forwarded = [*args.overrides, *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else []),
                  *(["--config-dir", str(args.config_dir)] if args.config_dir != DEFAULT_CONFIG_DIR else []),
@@ -240,7 +342,8 @@ def slurm_job(args: argparse.Namespace, program: list[str]) -> int:
         request_gpus=slurm_submit.cluster_has_gpus(args.partition), job_name=args.name or "launcher",
         partition=args.partition, time=args.time, account=args.account, qos=args.qos, constraint=args.constraint,
         cpus_per_task=args.cpus_per_task, signal_s=args.usr1_before, extra_sbatch=tuple(args.sbatch),
-        setup=tuple(args.setup), run_dir=run_dir, python=sys.executable, args=tuple(forwarded), backend=args.backend)
+        setup=tuple(args.setup), run_dir=run_dir, python=sys.executable, args=tuple(forwarded), backend=args.backend,
+        array=array)
     script = slurm_submit.render(slurm_submit.template_for(args.backend).read_text(), opts)
     if args.dry_run:
         print(f"launcher: dry run, nothing submitted; the sbatch script:\n{script}", end="")

@@ -29,6 +29,7 @@ class LaunchOptions:
 
     backend: str = "torchrun"
     nodes: int = 1
+    min_nodes: int | None = None  # elastic (--nodes MIN:MAX): the job goes on while this many nodes remain
     gpus: int | None = None  # ranks per node; None = all CUDA devices, or 1 CPU rank
     node_rank: int | None = None
     master_addr: str | None = None
@@ -55,6 +56,7 @@ class LaunchPlan:
     backend: str
     device: str  # cuda | cpu: NCCL on cuda, gloo on cpu
     nnodes: int
+    min_nodes: int  # == nnodes unless elastic
     nproc_per_node: int
     world_size: int
     node_rank: int
@@ -81,6 +83,10 @@ class LaunchPlan:
     @property
     def builtin(self) -> bool:
         return self.program[:3] == ("-m", "workers.train", "--run-dir")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes < self.nnodes
 
     @property
     def rank_program(self) -> tuple[str, ...]:

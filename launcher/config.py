@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
 from launcher import resources
 from launcher.errors import UsageError
 from workers import config as schema
@@ -16,11 +13,17 @@ DEFAULT_CONFIG_DIR = resources.config_dir()  # configs/ in a checkout, the packa
 
 def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR) -> schema.Config:
     """configs/ + overrides -> a validated Config whose targets import and take their keys; any problem
-    is a UsageError naming the key."""
+    is a UsageError naming the key. Built-in presets as shipped are not imported (they are known to pass,
+    and importing them would import torch into the launcher); every other target is, before anything starts."""
+    # here, not at the top: a script after `--` needs no Hydra, and the import is a tenth of a second
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     if not (config_dir / "config.yaml").is_file():
         raise UsageError(f"no config.yaml in --config-dir {config_dir}")
+    shipped: set[str] = set()
     try:
-        cfg = schema.compose(overrides, config_dir, builtin=DEFAULT_CONFIG_DIR)
+        cfg = schema.compose(overrides, config_dir, builtin=DEFAULT_CONFIG_DIR, shipped=shipped)
     # Hydra raises plain ValueErrors too (e.g. `schedule=1`: a group choice that is not a name)
     except (HydraException, OmegaConfBaseException, schema.ConfigError, ValueError, TypeError, KeyError) as e:
         lines = [ln.strip().rstrip(".") for ln in str(e).strip().splitlines()[:2] if ln.strip()]
@@ -30,7 +33,7 @@ def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR) 
     from workers import task  # imports the targets' modules (torch among them): only once the config is sound
 
     try:
-        task.check(cfg)
+        task.check(cfg, skip=shipped)
     except task.TaskError as e:
         raise UsageError(str(e)) from None
     return cfg

@@ -21,7 +21,7 @@ from workers.config import to_yaml
 def describe(plan: LaunchPlan) -> str:
     """The plan as an aligned block, then each command exactly as it will run."""
     facts = {"backend": plan.backend, "device": plan.device + (" (NCCL)" if plan.device == "cuda" else " (gloo)"),
-             "nodes": plan.nnodes,
+             "nodes": f"{plan.min_nodes}:{plan.nnodes} (elastic)" if plan.elastic else plan.nnodes,
              "ranks per node": ",".join(str(n) for _, n in plan.hosts) if plan.hosts else plan.nproc_per_node,
              "world size": plan.world_size,
              "node rank": plan.node_rank, "master": f"{plan.master_addr}:{plan.master_port}",
@@ -73,7 +73,8 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
     """Start the job and see it through; the exit code is the launcher's (see launcher/__init__.py)."""
     prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=fresh, history=history)
     if plan.device == "cpu":
-        print(f"launcher: no CUDA device found: running {plan.nproc_per_node} CPU rank(s) per node on gloo")
+        per_node = ",".join(str(n) for _, n in plan.hosts) if plan.hosts else plan.nproc_per_node
+        print(f"launcher: no CUDA device found: running {per_node} CPU rank(s) per node on gloo")
     print("launcher: starting\n" + describe(plan), flush=True)
     backend = get_backend(plan.backend)
     watch = Watch(plan.run_dir, Timeouts(*plan.timeouts), world_size=plan.world_size,
@@ -86,7 +87,8 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
         if attempt:
             plan = replace(plan, attempt=attempt)
             plan = replace(plan, commands=tuple(backend.build_commands(plan)))
-        sup = Supervisor(list(plan.commands), watch=watch, restarts_left=runner_restarts)
+        sup = Supervisor(list(plan.commands), watch=watch, restarts_left=runner_restarts,
+                         min_nodes=plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None)
         code = sup.run()
         if sup.signals:
             return code

@@ -24,12 +24,18 @@ PROJECT_ROOT = resources.source_root()
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node must agree on it, so no random port
 
 
-def parse_host(entry: str, default_slots: int) -> tuple[str, int]:
-    """'node1' -> ('node1', default_slots); 'node1:4' -> ('node1', 4)."""
+def parse_host(entry: str, default_slots: int) -> tuple[str, int, str]:
+    """'node1' -> ('node1', default_slots, ''); 'node1:4' -> ('node1', 4, ''); 'node1:2@0,2' -> ('node1', 2, '0,2'):
+    the host's ranks use GPUs 0 and 2 (a hostfile's ``gpus=``)."""
+    entry, _, devices = entry.partition("@")
     host, _, slots = entry.partition(":")
     if not host or (slots and not slots.isdigit()) or slots == "0":
         raise UsageError(f"bad host {entry!r}: expected NAME or NAME:SLOTS, e.g. node1:8")
-    return host, int(slots) if slots else default_slots
+    count = int(slots) if slots else default_slots
+    if devices and len(devices.split(",")) != count:
+        raise UsageError(f"host {host}: gpus={devices} names {len(devices.split(','))} GPU(s) for {count} rank(s): "
+                         "one GPU per rank")
+    return host, count, devices
 
 
 def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_count: int,
@@ -48,7 +54,10 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         raise UsageError(f"--nodes {opts.nodes}: need at least 1 node")
     if opts.max_restarts < 0:
         raise UsageError(f"--max-restarts {opts.max_restarts}: must be >= 0")
-    hosts = tuple(parse_host(h, gpus) for h in opts.hosts)
+    parsed = [parse_host(h, gpus) for h in opts.hosts]
+    hosts = tuple((h, n) for h, n, _ in parsed)
+    # each rank sets CUDA_VISIBLE_DEVICES from this at start (workers/rank.py): the same on every backend
+    devices = ";".join(f"{h}={d}" for h, _, d in parsed if d)
     nodes = len(hosts) or opts.nodes
     if hosts and opts.nodes not in (1, nodes):
         raise UsageError(f"--nodes {opts.nodes} but {nodes} hosts given; drop --nodes or make them agree")
@@ -65,6 +74,14 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
     if opts.program and opts.program[0] != "-m" and not opts.program[0].endswith(".py"):
         raise UsageError(f"{opts.program[0]!r} is not a Python script: pass `-- script.py args` or "
                          "`-- -m package.module args`")
+    least = opts.min_nodes or nodes
+    if least != nodes and backend.name != "torchrun":
+        raise UsageError(f"--nodes {least}:{nodes} (elastic) needs the torchrun backend: horovodrun and mpirun "
+                         "cannot continue without a node")
+    if least > nodes:
+        raise UsageError(f"--nodes {least}:{nodes}: MIN must not exceed MAX ({nodes} host(s))")
+    # elastic: a node's loss is a restart of the others at the smaller size, so some restarts must be allowed
+    restarts = opts.max_restarts or (3 if least < nodes else 0)
     most_ranks = max((n for _, n in hosts), default=gpus)  # on one node: threads are shared by its ranks
     pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT or ""), env.get("PYTHONPATH", "")) if p)
     worker_env = {
@@ -74,18 +91,19 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         "LAUNCHER_RUN_DIR": str(opts.run_dir),
         **({TOKEN_VAR: job_token} if job_token else {}),
         "LAUNCHER_RESTART_BACKOFF_S": f"{opts.restart_backoff:g}",  # workers/rank.py waits it out on a restart
+        **({"LAUNCHER_DEVICES": devices} if devices else {}),
     }
     tuning = {k: str(v) for k, v in (("timeline-filename", opts.timeline),
                                       ("fusion-threshold-mb", opts.fusion_threshold_mb),
                                       ("cycle-time-ms", opts.cycle_time_ms),
                                       ("network-interface", opts.network_interface)) if v is not None}
     plan = LaunchPlan(
-        backend=backend.name, device="cuda" if device_count else "cpu", nnodes=nodes,
+        backend=backend.name, device="cuda" if device_count else "cpu", nnodes=nodes, min_nodes=least,
         nproc_per_node=gpus, world_size=world, node_rank=node_rank,
         master_addr=opts.master_addr or (hosts[0][0] if hosts else "127.0.0.1"),
         master_port=opts.master_port or (free_port if nodes == 1 else DEFAULT_MASTER_PORT),
         hosts=hosts, controller=opts.controller, run_dir=opts.run_dir, program=program,
-        python=python, env=worker_env, max_restarts=opts.max_restarts, timeouts=opts.timeouts,
+        python=python, env=worker_env, max_restarts=restarts, timeouts=opts.timeouts,
         job_id=opts.job_id, workdir=opts.workdir,
         ssh_config=opts.ssh_config, ssh_timeout=opts.ssh_timeout, forwarded_env=exported_env(env), tuning=tuning,
         flags={"as_root": is_root,

@@ -7,6 +7,7 @@ is derived from the job id (every node computes the same one without talking to 
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,6 +58,29 @@ def allocation(env: Mapping[str, str]) -> Allocation | None:
     master = env.get("MASTER_ADDR") or hosts[0]
     return Allocation(job_id, nodes, int(env.get("SLURM_NODEID", "0")), master, port, tuple(hosts),
                       int(env.get("SLURM_RESTART_COUNT", "0") or 0))
+
+
+def outside_step(env: Mapping[str, str], alloc: Allocation) -> bool:
+    """A multi-node allocation, but this process is not one task per node of a step: ``salloc -N2``'s shell,
+    or the batch script itself. One launcher here would start one node's ranks, which would wait in the
+    rendezvous for the others until it timed out."""
+    return alloc.nodes > 1 and int(env.get("SLURM_STEP_NUM_NODES") or 0) < alloc.nodes
+
+
+def node_addr(host: str) -> str | None:
+    """The address Slurm itself reaches ``host`` at (NodeAddr; on most clusters its name), as the sbatch
+    templates export MASTER_ADDR."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("NodeAddr=")), None)
+
+
+def srun_argv(alloc: Allocation, python: str, argv: list[str]) -> list[str]:
+    """The same launcher command, once per node of the allocation (what slurm/train.sbatch does)."""
+    return ["srun", f"--nodes={alloc.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            python, "-m", "launcher", *argv]
 
 
 def check_flags(alloc: Allocation, nodes: int | None, node_rank: int | None, master_addr: str | None) -> None:

@@ -21,6 +21,7 @@ TEMPLATES = resources.template_dir()  # slurm/ in a checkout, the packaged copy 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")  # partition, account, qos, job name
 TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|UNLIMITED|INFINITE", re.IGNORECASE)
 CONSTRAINT = re.compile(r"[A-Za-z0-9_.\-&|,*:\[\]]+")  # Slurm's feature expressions: a&b, [x|y], c*2
+ARRAY = re.compile(r"0-\d+(%[1-9]\d*)?")  # a sweep's tasks: 0-N, at most K at once with %K
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +43,7 @@ class SlurmOptions:
     python: str
     args: tuple[str, ...] = field(default_factory=tuple)  # the launcher's arguments on every node
     backend: str = "torchrun"
+    array: str | None = None  # a sweep (launcher/sweep.py): one task per member of run_dir/members.json
 
 
 def _check(flag: str, value: str | None, pattern: re.Pattern[str]) -> None:
@@ -61,6 +63,7 @@ def sbatch_lines(o: SlurmOptions) -> list[str]:
         _check(flag, value, NAME)
     _check("--time", o.time, TIME)
     _check("--constraint", o.constraint, CONSTRAINT)
+    _check("--array", o.array, ARRAY)
     opts = [f"--job-name={o.job_name}", f"--nodes={o.nodes}", "--ntasks-per-node=1"]
     if o.request_gpus:
         opts.append(f"--gpus-per-node={o.gpus_per_node}")
@@ -68,8 +71,10 @@ def sbatch_lines(o: SlurmOptions) -> list[str]:
         opts.append(f"--cpus-per-task={o.cpus_per_task}")
     opts += [f"--{k}={v}" for k, v in (("partition", o.partition), ("time", o.time), ("account", o.account),
                                        ("qos", o.qos), ("constraint", o.constraint)) if v]
+    if o.array:
+        opts.append(f"--array={o.array}")
     opts += [f"--signal=B:USR1@{o.signal_s}", "--requeue", "--open-mode=append",
-             f"--output={o.run_dir}/slurm-%j.out"]
+             f"--output={o.run_dir}/slurm-{'%A_%a' if o.array else '%j'}.out"]
     for extra in o.extra_sbatch:
         _one_line("--sbatch", extra)
         if not extra.startswith("--") or " " in extra.strip():
@@ -97,14 +102,29 @@ def render(template: str, o: SlurmOptions) -> str:
     """The template with its #SBATCH, setup and job blocks filled in from ``o``."""
     for line in o.setup:
         _one_line("--setup", line)
-    job = [f"RUN_DIR={shlex.quote(str(o.run_dir))}", f"PYTHON={shlex.quote(o.python)}",
+    job = [f"{'SWEEP_DIR' if o.array else 'RUN_DIR'}={shlex.quote(str(o.run_dir))}", f"PYTHON={shlex.quote(o.python)}",
            f"GPUS_PER_NODE={o.gpus_per_node}"]
     if o.backend != "torchrun":
         job.append(f"BACKEND={shlex.quote(o.backend)}")
     job.append("set -- " + shlex.join(o.args) if o.args else "set --")
     text = _replace_block(template, "sbatch", sbatch_lines(o))
     text = _replace_block(text, "setup", list(o.setup))
-    return _replace_block(text, "job", job)
+    text = _replace_block(text, "job", job + (SWEEP_TASK if o.array else []))
+    return _replace_block(text, "after", SWEEP_TASK_END if o.array else [])
+
+
+# A sweep's array task: its member (run directory, then overrides) from SWEEP_DIR/members.json, as NUL-separated
+# words (no word is ever parsed by the shell); a member that finished in an earlier submission is skipped.
+SWEEP_TASK = [
+    'mapfile -d "" -t member < <("$PYTHON" -m launcher.sweep_record start "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID")',
+    'if [ "${member[0]:-}" = skip ]; then echo "slurm: sweep member $SLURM_ARRAY_TASK_ID finished earlier"; exit 0; fi',
+    '[ "${member[0]:-}" = run ] || { echo "slurm: no sweep member $SLURM_ARRAY_TASK_ID in $SWEEP_DIR" >&2; exit 2; }',
+    'RUN_DIR=${member[1]}',
+    'set -- "$@" "${member[@]:2}"',
+]
+# how it ended (exit code, preempted) into its member.json, and summary.csv rewritten
+SWEEP_TASK_END = ['"$PYTHON" -m launcher.sweep_record end "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID" "$code" "$preempted" '
+                  '|| true']
 
 
 def template_for(backend: str) -> Path:

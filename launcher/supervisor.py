@@ -23,10 +23,11 @@ STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
 
 class Supervisor:
     def __init__(self, commands: list[Cmd], out: TextIO | None = None, watch: Watch | None = None,
-                 restarts_left: int = 0) -> None:
+                 restarts_left: int = 0, min_nodes: int | None = None) -> None:
         # None: the caller's sys.stdout at the time of writing (it may be redirected after import)
         self.commands, self._out, self.watch = commands, out, watch
         self.restarts_left = restarts_left  # that the runner itself makes (torchrun); the launcher's are its own
+        self.min_nodes = min_nodes  # elastic: the job survives nodes that fail while this many remain
         self.no_restart = False  # set when an attempt failed before its first step: restarting would not help
         self.ranks_killed_at: float | None = None  # after a hang: the runners get a moment to exit on their own
         self.procs: list[subprocess.Popen] = []
@@ -159,6 +160,10 @@ class Supervisor:
                   "(a restart would fail the same way)", file=sys.stderr, flush=True)
             self._kill_all(signal.SIGKILL)
 
+    def elastic_ok(self, codes: list[int | None]) -> bool:
+        """Elastic (--nodes MIN:MAX): enough nodes are still running, or finished well, for the job to go on."""
+        return self.min_nodes is not None and sum(c in (None, 0) for c in codes) >= self.min_nodes
+
     def _wait(self) -> int:
         next_watch = 0.0
         while True:
@@ -172,11 +177,15 @@ class Supervisor:
             codes = [p.poll() for p in self.procs]
             failed = [c for c in codes if c not in (None, 0)]
             if self.deadline is None:  # failures before we stopped anything are the job's own
-                self.failed += [cmd for cmd, c in zip(self.commands, codes, strict=True)
-                                if c not in (None, 0) and cmd not in self.failed]
+                left = [cmd for cmd, c in zip(self.commands, codes, strict=True)
+                        if c not in (None, 0) and cmd not in self.failed]
+                self.failed += left
+                for cmd in left if self.elastic_ok(codes) else []:
+                    print(f"launcher: node {cmd.name} left the job; the other nodes go on without it (elastic)",
+                          file=sys.stderr, flush=True)
             if all(c is not None for c in codes):
-                return failed[0] if failed else 0
-            if failed:
+                return 0 if failed and self.elastic_ok(codes) else (failed[0] if failed else 0)
+            if failed and not self.elastic_ok(codes):
                 self._terminate()  # one node failed: stop the others
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self._kill_all(signal.SIGKILL)

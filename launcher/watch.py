@@ -132,9 +132,11 @@ class Watch:
         now = time.monotonic()
         out = [r for r in self.ranks.values()
                if (limit := self.timeouts.of(r.phase)) and now - r.seen > limit and r.died_at is None]
-        missing = self.world_size - len(self.ranks)
+        # the attempt's own world size, as its ranks report it: an elastic job's shrinks when a node leaves
+        world = max((r.record.get("world_size", 0) for r in self.ranks.values()), default=0) or self.world_size
+        missing = world - len(self.ranks)
         if missing > 0 and self.timeouts.init and now - self.started > self.timeouts.init:
-            out += [Rank(r, seen=self.started) for r in range(self.world_size) if r not in self.ranks]
+            out += [Rank(r, seen=self.started) for r in range(world) if r not in self.ranks]
         return out
 
     def report_hang(self, stuck: list[Rank]) -> str:
@@ -200,14 +202,15 @@ class Watch:
         at, rank, rec = min(own or rest, key=lambda t: (t[0], t[1]))
         info = self.ranks.get(rank, Rank(rank)).record if attempt == self.attempt else {}
         log = rec.get("log") or _str(self.log_of(rank, attempt))
+        traceback = self._traceback(rec, rank, attempt)
         return {
             "attempt": attempt, "reason": "signal" if rec.get("signal") else "exit", "rank": rank,
             "host": info.get("host"), "local_rank": info.get("local_rank"), "pid": info.get("pid"),
             "exit_code": rec["exit_code"], "signal": rec.get("signal"), "at": at,
             "phase": info.get("phase"), "step": info.get("step"), "first_step_reached": self._trained(attempt),
             "note": "no exit record: killed by SIGKILL (a kill -9, or the OOM killer)" if rec.get("killed") else None,
-            "error_file": rec.get("error_file"), "log": log, "traceback": self._traceback(rec, rank, attempt),
-            "log_tail": _tail(log, LOG_LINES),
+            "error_file": rec.get("error_file"), "log": log, "traceback": traceback,
+            "log_tail": _log_tail(log, without_traceback=bool(traceback)),
             "ranks": [{"rank": r, "exit_code": e["exit_code"], "signal": e.get("signal"),
                        "peer_failed": e.get("peer_failed")} for r, e in sorted(failed)]}
 
@@ -259,6 +262,15 @@ def _tail(path: str | Path | None, lines: int) -> list[str]:
     return []
 
 
+def _log_tail(log: str | None, without_traceback: bool) -> list[str]:
+    """The end of the rank's log; when its traceback is shown already, what it printed before that."""
+    lines = _tail(log, 10 * LOG_LINES)
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if without_traceback and starts:
+        lines = lines[:starts[-1]]
+    return lines[-LOG_LINES:]
+
+
 def killed(at: float) -> dict:
     """The exit record of a rank that died without writing one."""
     return {"exit_code": 137, "signal": "SIGKILL", "at": at, "killed": True}
@@ -279,7 +291,7 @@ def describe(record: dict, hosts: bool = True) -> str:
         lines.append(f"---- its traceback ({record.get('error_file') or 'stacks'}) ----")
         lines += record["traceback"]
     if record.get("log_tail"):
-        lines.append("---- the end of its log ----")
+        lines.append("---- its log" + (" before that ----" if record.get("traceback") else " ----"))
         lines += record["log_tail"]
     others = [r for r in record.get("ranks", []) if r["rank"] != record["rank"]]
     if others:

@@ -10,8 +10,9 @@ import pytest
 from bench.__main__ import SUITES, main
 
 EXPECTED = {
-    "overhead": {"samples_per_s", "time_to_first_step_s", "ratio_steps_per_s", "ratio_time_to_first_step"},
-    "backends": {"samples_per_s", "ratio_to_torchrun"},
+    "overhead": {"samples_per_s", "time_to_first_step_s", "ratio_steps_per_s", "ratio_time_to_first_step", "goals",
+                 "step_overhead_us", "launcher_startup_s", "profile"},
+    "backends": {"samples_per_s", "ratio_to_torchrun", "bare_samples_per_s", "ratio_to_bare", "goals"},
     "scaling": {"samples_per_s", "efficiency", "note"},
     "allreduce": {"backend", "sizes", "memcpy_GBps"},
     "checkpoint": {"stall_s", "state_mb", "ratio_async_to_sync"},
@@ -30,6 +31,46 @@ def test_flops_per_token_matches_a_hand_count() -> None:
     matmul = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
                  and not n.startswith(("tok.", "pos.")))
     assert matmul + 10 * 8 == 12 * 8 * 8 + 10 * 8
+
+
+def test_check_flags_short_results_and_regenerates_the_readme(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`python -m bench check` on given JSON: goals from the JSON (or the fallback for older results), the
+    README block rewritten between its markers and nothing else."""
+    results = tmp_path / "results"
+    (results / "gpu").mkdir(parents=True)
+    stat = lambda m: {"median": m, "min": m, "max": m, "runs": [m]}  # noqa: E731
+    records = {
+        results / "backends.json": {"suite": "backends", "time": "2026-01-02T03:04:05", "machine": "box: 2 cores",
+                                    "ratio_to_bare": {"torchrun": 0.99, "horovod": 0.81},
+                                    "goals": {"ratio_to_bare.torchrun": ">= 0.97", "ratio_to_bare.horovod": ">= 0.97"}},
+        results / "overhead.json": {"suite": "overhead", "time": "t", "ratio_steps_per_s": 0.995,  # no "goals"
+                                    "ratio_time_to_first_step": 1.3},
+        results / "recovery.json": {"suite": "recovery", "time": "t", "goals": {"recovery_s": 5.0, "note": "words"},
+                                    "recovery_s": {"backoff 1 s": stat(3.0), "backoff 0 s": stat(2.0)}},
+        results / "scaling.json": {"suite": "scaling", "time": "t", "efficiency": {"2 ranks": 0.3}},
+        results / "gpu" / "lm.json": {"suite": "lm", "time": "t", "device": "NVIDIA H100", "fastest": "default",
+                                      "mfu": {"default": 0.4}},
+    }
+    records[results / "gpu" / "device.json"] = {"gpus": [{"name": "NVIDIA H100"}]}  # not a suite's result
+    for path, record in records.items():
+        path.write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\nprose before\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nprose after\n")
+
+    assert main(["check", "--results", str(results), "--readme", str(readme)]) == 0
+    short = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("short:")]
+    assert [ln.split()[1:3] for ln in short] == [["backends", "ratio_to_bare.horovod"],
+                                                  ["overhead", "ratio_time_to_first_step"],
+                                                  ["gpu/lm", "mfu.default"]]
+    text = readme.read_text()
+    assert text.startswith("# x\nprose before\n<!-- bench:begin -->\n")
+    assert text.endswith("<!-- bench:end -->\nprose after\n")
+    assert "old table" not in text
+    assert "| backends | `ratio_to_bare.horovod` | 0.81 | ≥ 0.97 | **short** | 2026-01-02 03:04, box: 2 cores |" in text
+    assert "| recovery | `recovery_s` | 3 | ≤ 5 | ok |" in text
+    assert "No goals: scaling" in text
+    main(["check", "--results", str(results), "--readme", str(readme)])
+    assert readme.read_text() == text  # the same JSON, the same README
 
 
 def test_every_suite_has_expectations() -> None:

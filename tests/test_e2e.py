@@ -44,7 +44,7 @@ def test_default_job_trains_digits(tmp_path: Path) -> None:
     losses = tb["train/loss"]
     assert [s for s, _ in losses] == list(range(10, 501, 10))  # log_every=10
     assert losses[-1][1] < losses[0][1] / 5
-    assert len(tb["lr"]) == 500
+    assert [s for s, _ in tb["lr"]] == list(range(10, 501, 10))  # at log steps, like every scalar of the loop
     for tag in ("test/accuracy", "perf/samples_per_s", "train/grad_norm"):
         assert tb[tag]
     assert (tmp_path / "config.yaml").read_text().startswith("model:")
@@ -84,8 +84,15 @@ def test_two_identical_runs_give_identical_losses(tmp_path: Path) -> None:
 
 
 def test_grad_accumulation_and_four_ranks_run(tmp_path: Path) -> None:
-    launch(tmp_path, *QUIET, "trainer.max_steps=20", "trainer.grad_accum_steps=2", "schedule=cosine", gpus=4)
+    launch(tmp_path, *QUIET, "trainer.max_steps=20", "trainer.grad_accum_steps=2", "schedule=cosine",
+           "schedule.warmup_steps=5", "trainer.log_lr_every_step=true", gpus=4)
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 20
+    from workers.config import load
+    from workers.optim import lr_at
+
+    cfg = load(tmp_path / "config.yaml")  # the schedule, step by step (asked for: every step's lr)
+    expected = [(s, lr_at(s - 1, cfg.optimizer["lr"], cfg.schedule, 20)) for s in range(1, 21)]
+    assert tb_scalars(tmp_path)["lr"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in expected]
 
 
 FAILING = """

@@ -5,7 +5,10 @@ World size 4 = 2 "hosts" x 2 CPU ranks, compared with the same job as 4 ranks on
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,3 +182,67 @@ def test_ctrl_c_stops_every_node_with_a_checkpoint(hosts: Hosts, tmp_path: Path)
     stopped = int(out.split("stopping on request at step ")[1].split(":")[0])
     assert (run_dir / "checkpoints" / f"step-{stopped:08d}.pt").exists()
     assert leftover_processes(run_dir) == []
+
+
+def test_elastic_job_goes_on_without_a_node_that_died(hosts: Hosts, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nodes 1:2: host 1 dies (every process of the run on it, SIGKILL) after a checkpoint; host 0 goes on
+    from that checkpoint at half the world size, to the end, and no sample of an epoch is trained twice."""
+    run_dir, logs, steps = tmp_path / "run", tmp_path / "samples", 40
+    logs.mkdir()
+    monkeypatch.setenv("LAUNCHER_TEST_SLOW_STEP_S", "0.2")  # forwarded to both hosts (LAUNCHER_*)
+    monkeypatch.setenv("LAUNCHER_TEST_SAMPLE_LOG", str(logs))
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostfile(hosts, tmp_path / "hosts")), "--ssh-config",
+                    str(hosts.ssh_config), "--master-port", "29614", "--nodes", "1:2", "--restart-backoff", "0",
+                    f"trainer.max_steps={steps}", "trainer.checkpoint_every=5", "trainer.eval_every=1000")
+    wait_until(proc, lambda: (run_dir / "checkpoints" / "step-00000010.json").exists())
+    assert len(rank_processes(hosts, 1, run_dir)) == 2
+    for pid in hosts.pids(1):  # the host dies: its node agent, torchrun and ranks
+        with contextlib.suppress(OSError):
+            if str(run_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+    code, out, err = finish(proc, timeout=240)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert f"node {hosts.addrs[1]} left the job" in err
+    resumed = int(re.findall(r"resuming from step (\d+)", out)[-1])
+    assert resumed >= 10 and json.loads((run_dir / "result.json").read_text())["step"] == steps
+    last = max(int(p.name) for p in (run_dir / "attempts").iterdir())
+    worlds = {json.loads(p.read_text())["world_size"] for p in (run_dir / "attempts" / str(last)).glob("*.progress")}
+    assert worlds == {2}  # host 0's two ranks alone
+    # each rank's sample log: one line per step it began; the steps after the checkpoint it resumed from
+    # were rolled back, so drop them — then no (epoch, sample) may repeat
+    seen = []
+    for path in logs.glob("rank*.txt"):
+        lines = path.read_text().splitlines()
+        rank = int(path.stem[4:])
+        began = len(lines) - (steps - resumed if rank < 2 else 0)  # ranks 0, 1 trained on after the restart
+        kept = lines[:resumed] + (lines[began:] if rank < 2 else [])
+        for line in kept:
+            epoch, *idx = map(int, line.split())
+            seen += [(epoch, i) for i in idx]
+    assert len(seen) == len(set(seen)), "a sample was trained twice in an epoch"
+    assert leftover_processes(run_dir) == []
+
+
+SHOW_DEVICES = """
+import json, os, socket
+print("DEVICES " + json.dumps({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]),
+                               "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi)])
+def test_hosts_with_other_slot_counts_and_pinned_gpus(hosts: Hosts, tmp_path: Path, backend: str) -> None:
+    """'host slots=N gpus=…' lines: 1 rank on host 0 pinned to GPU 3, 2 on host 1 pinned to GPUs 0 and 2 — each
+    rank sees its host's CUDA_VISIBLE_DEVICES (set by workers/rank.py before CUDA starts), on every backend."""
+    script = tmp_path / "show.py"
+    script.write_text(SHOW_DEVICES)
+    lines = f"{hosts.addrs[0]} slots=1 gpus=3\n{hosts.addrs[1]} slots=2 gpus=0,2\n"
+    (tmp_path / "hosts").write_text(lines)
+    proc = start_on(hosts, tmp_path / "run", "--backend", backend, "--hostfile", str(tmp_path / "hosts"),
+                    "--ssh-config", str(hosts.ssh_config), "--master-port", "29615", "--", str(script), cwd=tmp_path)
+    code, out, err = finish(proc)
+    assert code == 0, out[-2000:] + err[-2000:]
+    seen = {r["rank"]: r for r in map(json.loads, re.findall(r"DEVICES (\{[^}]*\})", out))}
+    assert sorted(seen) == [0, 1, 2] and {r["world"] for r in seen.values()} == {3}
+    assert sorted(r["visible"] for r in seen.values()) == ["0,2", "0,2", "3"]

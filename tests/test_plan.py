@@ -302,3 +302,54 @@ def test_nodes_started_seconds_apart_agree_on_the_rendezvous(monkeypatch: pytest
         a = p.commands[0].argv
         endpoints.append((a[a.index("--rdzv-endpoint") + 1], a[a.index("--rdzv-id") + 1]))
     assert endpoints[0] == endpoints[1]
+
+
+def test_elastic_nodes_become_torchruns_min_max() -> None:
+    p = plan(gpus=2, hosts=("a", "b"), min_nodes=1, nodes=2)
+    assert p.elastic and (p.min_nodes, p.nnodes, p.world_size) == (1, 2, 4)
+    argv = p.commands[0].argv[-1]  # the remote command ssh runs on host a
+    assert "--nnodes 1:2" in argv and "is_host=1,last_call_timeout=10" in argv
+    assert "--max-restarts 3" in argv  # losing a node is a restart of the others: some must be allowed
+    assert not plan(gpus=2, hosts=("a", "b")).elastic
+
+
+@pytest.mark.parametrize(("opts", "message"), [
+    ({"backend": "mpi", "hosts": ("a", "b"), "min_nodes": 1, "nodes": 2}, "needs the torchrun backend"),
+    ({"hosts": ("a", "b"), "min_nodes": 3, "nodes": 2}, "MIN must not exceed MAX"),
+])
+def test_elastic_refusals(opts: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        plan(gpus=2, **opts)
+
+
+@pytest.mark.parametrize(("text", "nodes"), [("2", (2, 2)), ("1:4", (1, 4))])
+def test_nodes_flag_takes_n_or_min_max(text: str, nodes: tuple[int, int]) -> None:
+    from launcher.cli import build_parser
+
+    args = build_parser().parse_args(["--nodes", text])
+    assert (args.nodes if isinstance(args.nodes, tuple) else (args.nodes, args.nodes)) == nodes
+
+
+def test_hostfile_gpus_pin_each_hosts_devices(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_text("a slots=2 gpus=0,2\nb slots=1\n")
+    assert parse_hostfile(path) == ["a:2@0,2", "b:1"]
+    p = plan(gpus=2, hosts=tuple(parse_hostfile(path)))
+    assert p.hosts == (("a", 2), ("b", 1)) and p.world_size == 3
+    assert p.env["LAUNCHER_DEVICES"] == "a=0,2"  # workers/rank.py sets CUDA_VISIBLE_DEVICES from it
+    with pytest.raises(UsageError, match="one GPU per rank"):
+        plan(gpus=2, hosts=("a:3@0,2",))
+    path.write_text("a slots=2 gpus=x\n")
+    with pytest.raises(UsageError, match="bad gpus="):
+        parse_hostfile(path)
+
+
+def test_a_rank_pins_its_hosts_gpus() -> None:
+    from workers.rank import pin_devices
+
+    env = {"LAUNCHER_DEVICES": "a=0,2;b=1", "LAUNCHER_HOST": "b"}
+    pin_devices(env)  # type: ignore[arg-type]
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    env = {"LAUNCHER_DEVICES": "nowhere.invalid=5;127.0.0.1=4"}  # no LAUNCHER_HOST: the address this host owns
+    pin_devices(env)  # type: ignore[arg-type]
+    assert env["CUDA_VISIBLE_DEVICES"] == "4"

@@ -1,11 +1,14 @@
 """Slurm for real: munged + slurmctld + two slurmd on this machine (tests/slurm_cluster.py).
 
 2 nodes x 1 CPU rank through slurm/train.sbatch and through `python -m launcher --slurm`, compared
-with the same 2-rank job run locally; and preemption: USR1 -> checkpoint -> requeue -> resume.
+with the same 2-rank job run locally; preemption: USR1 -> checkpoint -> requeue -> resume; and a sweep
+(`--slurm -m`) as one job array, a task per member.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +143,79 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster: Cluster, tmp_path:
     steps = [s for s, _ in tb_scalars(run_dir)["train/loss"]]
     assert steps == list(range(1, 401))  # the curve continues: no step twice, none missing
     assert_bitwise_equal(newest_weights(run_dir), newest_weights(reference))
+
+
+def test_sweep_is_one_job_array_and_a_resubmission_skips_finished_members(cluster: Cluster, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "launcher", "--slurm", "--nodes", "1", "--gpus", "1", "--wait", "-m",
+            "--max-parallel", "2", "--run-dir", str(sweep_dir), "optimizer.lr=1e-3,3e-3", "trainer.max_steps=10",
+            "trainer.log_every=1", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=slurm_env(cluster), timeout=300)
+    logs = "".join(p.read_text() for p in sorted(sweep_dir.glob("slurm-*.out")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-3000:]
+    assert "#SBATCH --array=0-1\n" in (sweep_dir / "job.sbatch").read_text()  # K >= N: no %K
+    job = proc.stdout.split("submitted Slurm job ")[1].split(";")[0]
+    assert sorted(p.name for p in sweep_dir.glob("slurm-*.out")) == [f"slurm-{job}_0.out", f"slurm-{job}_1.out"]
+    names = ["0-optimizer.lr=0.001", "1-optimizer.lr=0.003"]
+    for name in names:  # each task ran its own member into its own run directory
+        assert json.loads((sweep_dir / name / "result.json").read_text())["step"] == 10
+        assert f"lr: {name.split('=')[1]}" in (sweep_dir / name / "config.yaml").read_text()
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["member"], r["status"], r["exit_code"], r["step"]) for r in rows] == [
+        (names[0], "finished", "0", "10"), (names[1], "finished", "0", "10")]
+    assert all(float(r["wall_s"]) > 0 and float(r["train/loss"]) > 0 for r in rows)
+
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=slurm_env(cluster), timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    job2 = again.stdout.split("submitted Slurm job ")[1].split(";")[0]
+    for task in (0, 1):
+        assert "finished earlier" in (sweep_dir / f"slurm-{job2}_{task}.out").read_text()
+
+
+def test_salloc_shell_starts_one_launcher_per_node_with_srun(cluster: Cluster, tmp_path: Path,
+                                                           local_losses: list) -> None:
+    """`salloc -N2` then `python -m launcher` in that shell: not in an srun step, so the launcher starts itself
+    once per node with srun (before, it started node 0 alone, whose ranks waited in the rendezvous)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(["salloc", "-N2", "--ntasks-per-node=1", sys.executable, "-m", "launcher", "--gpus", "1",
+                           "--run-dir", str(run_dir), *SHORT], cwd=ROOT, capture_output=True, text=True,
+                          env=slurm_env(cluster), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "starting one launcher per node with srun" in proc.stdout
+    assert "node 0 of 2" in proc.stdout and "node 1 of 2" in proc.stdout
+    assert_same_losses(run_dir, local_losses)
+
+
+def test_preempted_array_task_alone_requeues_and_resumes(cluster: Cluster, tmp_path: Path) -> None:
+    """USR1 to one task of a sweep's array: that task (ARRAYID_TASK) checkpoints, requeues and resumes; the other
+    task is neither signalled nor requeued."""
+    sweep_dir = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "launcher", "--slurm", "--nodes", "1", "--gpus", "1", "-m", "--run-dir",
+            str(sweep_dir), "optimizer.lr=1e-3,3e-3", "trainer.max_steps=300", "trainer.log_every=1",
+            "trainer.eval_every=1000", "trainer.checkpoint_every=40"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=slurm_env(cluster), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array = proc.stdout.split("submitted Slurm job ")[1].split(";")[0]
+    target = sweep_dir / "1-optimizer.lr=0.003"
+    deadline = time.monotonic() + 180
+    while not list((target / "checkpoints").glob("step-*.pt")):
+        assert time.monotonic() < deadline, cluster.run("squeue", check=False).stdout
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_1")
+    wait_for_state(cluster, f"{array}_1", {"PENDING", "COMPLETED", "FAILED"})
+    wait_idle(cluster)
+    time.sleep(3)  # see test_preemption_checkpoints_requeues_and_resumes: slurmd's credential check
+    cluster.run("scontrol", "update", f"JobId={array}_1", "StartTime=now", check=False)
+    for task in (0, 1):
+        state = wait_for_state(cluster, f"{array}_{task}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
+        assert state == "COMPLETED", (sweep_dir / f"slurm-{array}_{task}.out").read_text()[-3000:]
+    preempted = (sweep_dir / f"slurm-{array}_1.out").read_text()
+    assert f"requeueing job {array}_1" in preempted and f"slurm: job {array}_1 restart 1 " in preempted
+    stopped = int(preempted.split("stopping on request at step ")[1].split(":")[0])
+    assert f"resuming from step {stopped}" in preempted
+    other = (sweep_dir / f"slurm-{array}_0.out").read_text()
+    assert "USR1" not in other and "restart 1 " not in other and "stopping on request" not in other
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        assert [(r["status"], r["step"]) for r in csv.DictReader(f)] == [("finished", "300"), ("finished", "300")]
+    assert [s for s, _ in tb_scalars(target)["train/loss"]] == list(range(1, 301))

@@ -32,7 +32,9 @@ def test_bad_nodelist() -> None:
         expand_nodelist("node[a-b]")
 
 
-JOB = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1"}
+# what srun gives the task on the second node of a 2-node job step
+JOB = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+       "SLURM_STEP_NUM_NODES": "2"}
 
 
 def test_allocation_from_env() -> None:
@@ -63,3 +65,25 @@ def test_launcher_inside_an_allocation_plans_from_slurm(tmp_path) -> None:  # no
     bad = subprocess.run([sys.executable, "-m", "launcher", "--nodes", "3", "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "says 2" in bad.stderr
+
+
+def test_outside_an_srun_step_is_told_from_one_task_per_node() -> None:
+    from launcher.slurm_env import outside_step
+
+    salloc = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2"}
+    alloc = allocation(salloc)
+    assert alloc is not None and outside_step(salloc, alloc)  # salloc -N2's shell
+    assert not outside_step({**salloc, "SLURM_STEP_NUM_NODES": "2"}, alloc)  # srun --ntasks-per-node=1
+    one = {**salloc, "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"}
+    assert not outside_step(one, allocation(one))  # a one-node allocation needs nothing else
+
+
+def test_salloc_shell_dry_run_shows_the_srun_it_would_start(monkeypatch, capsys, tmp_path) -> None:  # noqa: ANN001
+    from launcher.cli import main
+
+    for k, v in {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SLURM_STEP_NUM_NODES", raising=False)
+    assert main(["--gpus", "1", "--run-dir", str(tmp_path / "run"), "--dry-run", "trainer.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1" in out and "trainer.max_steps=3" in out

@@ -49,7 +49,7 @@ def test_rendered_script_fills_every_block() -> None:
     assert "module load cuda/12.4\nsource ~/venv/bin/activate\n# ---- end launcher:setup ----" in text
     assert ("RUN_DIR=/scratch/runs/r1\nPYTHON=/usr/bin/python3\nGPUS_PER_NODE=8\n"
             "set -- optimizer=adamw trainer.max_steps=20000\n# ---- end launcher:job ----") in text
-    assert 'srun --ntasks-per-node=1' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert 'srun --ntasks-per-node=1' in text and 'scontrol requeue "$JOB"' in text
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)  # valid bash
     mpi = render(template_for("mpi").read_text(), replace(BASE, backend="horovod"))
     assert "BACKEND=horovod\n" in mpi and '-m launcher --backend "${BACKEND:-mpi}"' in mpi

@@ -64,7 +64,8 @@ def test_no_stray_environ_reads() -> None:
     """Rank info is read from the environment once (train.py -> dist/env.py, rank.py at the rank's start); test
     hooks once (testhooks.py); the launcher reads it at its edges (cli.py passes it to the pure planner,
     supervisor.py to children)."""
-    allowed = {"env.py", "train.py", "rank.py", "testhooks.py", "mpi_env.py", "cli.py", "supervisor.py"}
+    allowed = {"env.py", "train.py", "rank.py", "testhooks.py", "mpi_env.py", "cli.py", "supervisor.py",
+               "probe.py"}  # probe.py: its own process on each host (python -m launcher.probe), gloo reads env
     offenders = [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")
                  if p.name not in allowed and ("os.environ" in p.read_text() or "os.getenv" in p.read_text())]
     assert offenders == []
@@ -334,7 +335,8 @@ def test_config_key_set_snapshot() -> None:
         "optimizer.weight_decay", "schedule.gamma", "schedule.min_lr", "schedule.name", "schedule.step_size",
         "schedule.total_steps", "schedule.warmup_steps", "seed", "trainer.async_checkpoint", "trainer.channels_last",
         "trainer.checkpoint_every", "trainer.compile", "trainer.eval_every", "trainer.grad_accum_steps",
-        "trainer.grad_clip", "trainer.keep_checkpoints", "trainer.log_every", "trainer.max_steps",
+        "trainer.grad_clip", "trainer.keep_checkpoints", "trainer.log_every", "trainer.log_lr_every_step",
+        "trainer.max_steps",
         "trainer.precision", "trainer.straggler_factor", "trainer.straggler_windows", "trainer.threads",
     ]
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the last dim: (B, classes) with (B,) targets, or a language model's (B, T, vocab)
     with (B, T) targets. Computed in fp32 whatever the autocast dtype."""
-    return F.cross_entropy(outputs.flatten(0, -2).float(), targets.flatten())
+    if outputs.dim() > 2:  # the checks cost less than the calls they skip on the common (B, classes) fp32 path
+        outputs, targets = outputs.flatten(0, -2), targets.flatten()
+    return F.cross_entropy(outputs if outputs.dtype == torch.float32 else outputs.float(), targets)
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -41,12 +43,23 @@ class NullLogger:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path, resume_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    """Rank 0's TensorBoard writer, opened at the first scalar: importing tensorboard takes a few hundred
+    milliseconds that need not stand between the launch and the first training step."""
 
-        # purge_step drops events past the resumed step, so a resumed run continues the same curves
-        # without duplicated steps
-        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+    def __init__(self, log_dir: Path, resume_step: int) -> None:
+        self.log_dir, self.resume_step = log_dir, resume_step
+        self._writer: Any = None
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events past the resumed step, so a resumed run continues the same curves
+            # without duplicated steps
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.resume_step + 1 if self.resume_step
+                                         else None)
+        return self._writer
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for tag, value in metrics.items():
@@ -56,7 +69,8 @@ class TensorBoardLogger:
         self.writer.add_hparams(hparams, metrics, run_name="hparams")
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def build_logger(is_main: bool, log_dir: Path, resume_step: int) -> MetricsLogger:

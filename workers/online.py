@@ -102,6 +102,7 @@ class StreamSource:
 
     def trained(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """After the step: the prequential outcome of each record (scored before the update), the new position."""
+        outputs = outputs.detach()
         losses = F.cross_entropy(outputs.float(), targets, reduction="none")
         hits = (outputs.argmax(1) == targets).float()
         self.committed = self.after
@@ -114,10 +115,13 @@ class StreamSource:
                 f.write(f"{self.trainer.step + 1} " + " ".join(str(r.index) for r in self.batch) + "\n")
 
     # -- metrics -----------------------------------------------------------------------------
-    def log(self) -> dict[str, float]:
-        """The rolling prequential metrics over all ranks (a collective, at log steps)."""
-        win_loss, win_hits, win_n, hits, n, bad = self._sum(sum(self.window_loss), sum(self.window), len(self.window),
-                                                            self.correct, self.seen, self.reader.bad)
+    def log_values(self) -> list[float]:
+        """This rank's window and run totals, summed over the ranks in the log step's all-reduce (Trainer.agree)."""
+        return [sum(self.window_loss), sum(self.window), len(self.window), self.correct, self.seen, self.reader.bad]
+
+    def log(self, sums: list[float]) -> dict[str, float]:
+        """The rolling prequential metrics over all ranks, from the sums of :meth:`log_values`."""
+        win_loss, win_hits, win_n, hits, n, bad = sums
         return {"online/prequential_loss": win_loss / max(win_n, 1),
                 "online/prequential_accuracy": win_hits / max(win_n, 1),
                 "online/prequential_accuracy_run": hits / max(n, 1), "online/records": self.records,

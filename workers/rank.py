@@ -76,15 +76,48 @@ def setup() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # the program may install its own handler later: that wins
         if signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, _record_and_die)
+    pin_devices(os.environ)
     progress.start(base.with_suffix(".progress"),
-                   {"rank": env.rank, "local_rank": env.local_rank, "pid": os.getpid(), "attempt": attempt,
+                   {"rank": env.rank, "local_rank": env.local_rank, "world_size": env.world_size,
+                    "pid": os.getpid(), "attempt": attempt,
                     "host": os.environ.get("LAUNCHER_HOST") or socket.gethostname(),  # the hostfile's name
                     "hostname": socket.gethostname()})
     if attempt > 0:
-        delay = min(float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0) * 2 ** (attempt - 1), MAX_BACKOFF_S)
-        if delay and env.rank == 0:
-            print(f"restart {attempt}: waiting {delay:g} s (backoff) before starting", flush=True)
-        time.sleep(delay)
+        backoff(folder.parent / str(attempt - 1), attempt, env.rank)
+
+
+def pin_devices(environ: os._Environ[str]) -> None:
+    """A hostfile's ``gpus=``: LAUNCHER_DEVICES="host=0,2;other=1" -> CUDA_VISIBLE_DEVICES for this host's ranks,
+    set before CUDA starts. This host is the one the launcher named (LAUNCHER_HOST, ssh fan-out), else the
+    entry whose address this machine owns (mpirun and horovodrun start ranks without telling)."""
+    for entry in filter(None, environ.get("LAUNCHER_DEVICES", "").split(";")):
+        host, _, devices = entry.partition("=")
+        if environ.get("LAUNCHER_HOST") == host or ("LAUNCHER_HOST" not in environ and _is_this_host(host)):
+            environ["CUDA_VISIBLE_DEVICES"] = devices
+            return
+
+
+def _is_this_host(name: str) -> bool:
+    if name in (socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        with socket.socket() as s:  # an address is ours if we can bind to it
+            s.bind((socket.gethostbyname(name), 0))
+        return True
+    except OSError:
+        return False
+
+
+def backoff(previous: Path, attempt: int, rank: int) -> None:
+    """Wait LAUNCHER_RESTART_BACKOFF_S, doubled per restart, counted from the previous attempt's failure (its
+    first exit record): the restart's own start-up (imports) is part of the wait, not added to it."""
+    delay = min(float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    times = [json.loads(p.read_text()).get("at", 0) for p in previous.glob("rank*.exit.json")] if delay else []
+    left = delay - (time.time() - min(times)) if times else delay
+    if left > 0:
+        if rank == 0:
+            print(f"restart {attempt}: waiting {left:.1f} s more (backoff {delay:g} s from the failure)", flush=True)
+        time.sleep(left)
 
 
 def _record_and_die(signum: int, _frame: object) -> None:
@@ -92,6 +125,12 @@ def _record_and_die(signum: int, _frame: object) -> None:
     finish(128 + signum, signal_name=signal.Signals(signum).name)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+def _stop_asked() -> bool:
+    """The runner already said stop (the trainer's handler took the SIGTERM): no point waiting for it."""
+    signals = sys.modules.get("workers.signals")
+    return bool(signals is not None and signals.STOP_RECEIVED)
 
 
 def _peer_failed(e: BaseException) -> bool:
@@ -158,7 +197,7 @@ def run(main: Callable[[], int | None], *, hard_exit: bool) -> NoReturn:
         traceback.print_exc()
         code, error, peer = 1, e, _peer_failed(e)
     finish(code, error, peer_failed=peer)
-    if peer:  # a consequence, not the cause: let the runner see the rank that failed first
+    if peer and not _stop_asked():  # a consequence, not the cause: let the runner see the rank that failed first
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the runner's stop ends this wait
         time.sleep(PEER_WAIT_S)
     if "mpi4py.MPI" in sys.modules:  # under mpirun: finalize, or mpirun reports an improper exit

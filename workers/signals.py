@@ -2,8 +2,10 @@
 
 SIGTERM/SIGINT: checkpoint at the current step and stop. SIGUSR1 (what Slurm sends before
 preemption): checkpoint now and keep training. A signal may reach ranks at different steps, so the
-flags are all-reduced once per step and all ranks act on the same step; otherwise one rank would
-save while another waits in the next step's allreduce.
+flags are all-reduced and all ranks act on the same step; otherwise one rank would save while
+another waits in the next step's allreduce. The flags ride on an all-reduce the loop makes anyway
+(a log step's, an online turn's) where they can (:meth:`SignalFlags.local`, :meth:`SignalFlags.agreed`),
+or :meth:`SignalFlags.poll` makes one of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Requests:
 # A SIGUSR1 reaching a rank this soon after a save it asked for is the same request: the launcher signals
 # every rank, and one rank may see it a moment after the others already agreed to save.
 SAME_REQUEST_S = 1.0
+STOP_RECEIVED = False  # whether a stop signal came at all (workers/rank.py: no waiting for one after a failure)
 
 
 class SignalFlags:
@@ -37,21 +40,29 @@ class SignalFlags:
         signal.signal(signal.SIGUSR1, self._on_save)
 
     def _on_stop(self, signum: int, _frame: object) -> None:
-        self.stop_signal = signum
+        global STOP_RECEIVED
+        self.stop_signal, STOP_RECEIVED = signum, True
 
     def _on_save(self, _signum: int, _frame: object) -> None:
         self.save_pending, self.save_asked_at = True, time.monotonic()
 
     def poll(self, comm: object) -> Requests:
         """What any rank was asked for since the last poll (a collective: every rank must call it)."""
+        local = torch.tensor(self.local(), device=comm.device)  # type: ignore[attr-defined]
+        return self.agreed(*(comm.allreduce_mean(local) > 0).tolist())  # type: ignore[attr-defined]
+
+    def local(self) -> list[float]:
+        """This rank's (stop, save) flags for an all-reduce; whatever of them is > 0 after it: :meth:`agreed`."""
         # take the flag before the all-reduce: Python runs a handler when the blocking call returns, and
         # a request that lands then must stay pending for the next poll, not be cleared after it
         # (take_save_request), unless the save just agreed on serves it
-        local = torch.tensor([float(self.stop_signal > 0), float(self.take_save_request())], device=comm.device)
-        stop, save = (comm.allreduce_mean(local) > 0).tolist()  # type: ignore[attr-defined]
-        if save:
+        return [float(self.stop_signal > 0), float(self.take_save_request())]
+
+    def agreed(self, stop: float, save: float) -> Requests:
+        """The requests, from the all-reduced flags of :meth:`local` (the same on every rank)."""
+        if save > 0:
             self.mark_saved()
-        return Requests(stop=stop, save=save)
+        return Requests(stop=stop > 0, save=save > 0)
 
     def take_save_request(self) -> bool:
         """This rank's pending SIGUSR1, cleared; one that the last agreed save already served counts not."""

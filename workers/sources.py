@@ -5,12 +5,17 @@ this turn (a stream waiting for records); whether to checkpoint now; whether to 
 owns its part of the checkpoint (the loader position, or every rank's stream position), adds its own
 metrics at log steps, and writes the closing line. Both sources share one interface:
 ``name``, ``batch_size``, ``finish_on_stop``, ``start``, ``next``, ``trained``, ``before_save``,
-``state_dict``/``load_state_dict``, ``log`` and ``summary``.
+``state_dict``/``load_state_dict``, ``log_values``/``log`` and ``summary``.
+
+A log step makes one all-reduce (Trainer.agree): the loss, and the source's ``log_values()`` summed
+over the ranks, which ``log(sums)`` turns into TensorBoard scalars (and, in batch mode, into the
+stop/save requests that ride on it).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +27,8 @@ from workers.signals import Requests
 if TYPE_CHECKING:
     from workers.trainer import Trainer
 
-SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests
+SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests until the first log step measured a step
+SIGNAL_POLL_S = 1.0  # then: ranks agree on requests at least about this often (log steps, else a poll of its own)
 STOP_SIGNAL = "a stop signal"
 
 
@@ -37,7 +43,9 @@ class Turn:
 
 
 class EpochSource:
-    """Batch training: epochs over the dataset through the resumable loader; signals polled every few steps."""
+    """Batch training: epochs over the dataset through the resumable loader. Stop/save requests are agreed on
+    in the log step's all-reduce; when log steps are more than about SIGNAL_POLL_S apart, a small all-reduce of
+    their own comes in between, so a signal is honoured within about a second whatever ``log_every`` is."""
 
     name = "train"
     finish_on_stop = False  # a stop signal saves and exits at once: the run resumes later
@@ -45,6 +53,10 @@ class EpochSource:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.batch_size = int(trainer.cfg.data["batch_size"])
+        self.asked = Requests()  # what the ranks agreed on at the last log step, acted on at the next turn
+        self.poll_every = SIGNAL_POLL_EVERY  # steps between agreements, the same on every rank
+        self.agreed_at = 0  # the step of the last agreement (log step or poll)
+        self.window_at, self.window_step = time.monotonic(), 0  # the log window's start, for poll_every
 
     def state_dict(self) -> dict[str, Any]:
         return self.trainer.loader.state_dict()
@@ -58,12 +70,14 @@ class EpochSource:
             print(f"resuming from step {self.trainer.step} (epoch {loader.epoch}, sample {loader.position})",
                   flush=True)
         self.data = self.trainer.batches()
+        self.agreed_at = self.window_step = self.trainer.step
+        self.window_at = time.monotonic()
 
     def next(self, step: int) -> Turn:
-        # a collective: polling every SIGNAL_POLL_EVERY steps keeps its cost off the step time, and a stop or
-        # save still lands within those few steps of the signal
-        trainer = self.trainer
-        asked = trainer.signals.poll(trainer.comm) if step % SIGNAL_POLL_EVERY == 0 else Requests()
+        trainer, asked = self.trainer, self.asked
+        if step - self.agreed_at >= self.poll_every:  # no log step for a while: a poll (a collective) of its own
+            asked, self.agreed_at = trainer.signals.poll(trainer.comm), step
+        self.asked = Requests()
         return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,
                     stop=asked.stop, ended=STOP_SIGNAL)
 
@@ -73,7 +87,20 @@ class EpochSource:
     def trained(self, outputs: torch.Tensor, targets: Any) -> None:
         pass
 
-    def log(self) -> dict[str, float]:
+    def log_values(self) -> list[float]:
+        """This rank's stop/save flags and, from rank 0 only (so the sum is its number, exactly, on every rank),
+        how many steps take about SIGNAL_POLL_S: the poll interval until the next log step."""
+        step, now = self.trainer.step, time.monotonic()
+        proposal = 0.0
+        if self.trainer.comm.is_main and now > self.window_at:
+            proposal = float(max(1, int(SIGNAL_POLL_S * (step - self.window_step) / (now - self.window_at))))
+        self.window_at, self.window_step = now, step
+        return [*self.trainer.signals.local(), proposal]
+
+    def log(self, sums: list[float]) -> dict[str, float]:
+        stop, save, proposal = sums
+        self.asked, self.agreed_at = self.trainer.signals.agreed(stop, save), self.trainer.step
+        self.poll_every = max(1, round(proposal))
         return {"train/epoch": self.trainer.loader.epoch}
 
     def summary(self, ended: str, result: dict[str, float]) -> tuple[dict[str, float], str]:

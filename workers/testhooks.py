@@ -10,12 +10,15 @@
                                ``rank<R>.txt``, so a test can check which samples an epoch saw.
 ``LAUNCHER_TEST_HANG``         ``RANK:STEP``: that rank stops for an hour after that step, in the first
                                attempt only (a restart runs on), so a test can watch the hang detection.
+``LAUNCHER_PROFILE``           file: rank 0 runs its training loop under cProfile and writes the stats there
+                               (``python -m bench overhead`` prints where a step's time goes).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 SLOW_SAVE_S = float(os.environ.get("LAUNCHER_TEST_SLOW_SAVE_S", "0") or 0)
 SLOW_STEP_S = float(os.environ.get("LAUNCHER_TEST_SLOW_STEP_S", "0") or 0)
@@ -23,6 +26,7 @@ SLOW_DATA_S = float(os.environ.get("LAUNCHER_TEST_SLOW_DATA_S", "0") or 0)
 SLOW_RANK = int(os.environ["LAUNCHER_TEST_SLOW_RANK"]) if os.environ.get("LAUNCHER_TEST_SLOW_RANK") else None
 SAMPLE_LOG = os.environ.get("LAUNCHER_TEST_SAMPLE_LOG") or None
 HANG = tuple(int(x) for x in os.environ.get("LAUNCHER_TEST_HANG", "").split(":") if x)
+PROFILE = os.environ.get("LAUNCHER_PROFILE") or None
 
 
 def slowed(rank: int, seconds: float) -> float:
@@ -33,3 +37,22 @@ def slowed(rank: int, seconds: float) -> float:
 def maybe_hang(rank: int, step: int, attempt: int) -> None:
     if (rank, step) == HANG and attempt == 0:
         time.sleep(3600)
+
+
+def start_profile(rank: int) -> Any:
+    """Rank 0's cProfile of the training loop when LAUNCHER_PROFILE is set, else None (no cost)."""
+    if not PROFILE or rank != 0:
+        return None
+    import cProfile
+
+    import torch.utils.tensorboard  # noqa: F401 -- a one-off of the first log step: not what a profile of steps is for
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def save_profile(profile: Any) -> None:
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(PROFILE)

@@ -9,6 +9,7 @@ stop/save signals and a progress bar.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from workers.sources import STOP_SIGNAL, EpochSource
 from workers.straggler import StragglerDetector
 
 SCALER = "grad_scaler"  # checkpoint key of the fp16 GradScaler's state
+GC_EVERY = 200  # steps between (young-generation) garbage collections while training; paused otherwise
 
 
 class _Lines:
@@ -70,14 +72,16 @@ def recovery(run_dir: Path, attempt: int) -> dict[str, float]:
     return out
 
 
-def build_once(comm: Comm, build: Callable[[], Any]) -> Any:
+def build_once(comm: Comm, build: Callable[[], Any], facts: Any = None) -> tuple[Any, list[Any]]:
     """Build on every rank; if it raises anywhere, the lowest failing rank prints the traceback (once, not
-    once per rank) and all ranks exit 1."""
+    once per rank) and all ranks exit 1. ``facts`` (this rank's pre-flight description) travel in the same
+    gather, so start-up pays one collective for both: returns (what was built, every rank's facts)."""
     try:
         built, error, exc = build(), None, None
     except Exception as e:
         built, error, exc = None, traceback.format_exc(), e
-    errors = comm.allgather_object(error)
+    gathered = comm.allgather_object((error, facts))
+    errors = [e for e, _ in gathered]
     failed = [r for r, e in enumerate(errors) if e]
     if failed:
         if comm.rank == failed[0]:
@@ -86,7 +90,30 @@ def build_once(comm: Comm, build: Callable[[], Any]) -> Any:
         else:  # let the reporting rank be the first to exit: the launcher names the first failure
             time.sleep(3)
         raise SystemExit(1)
-    return built
+    return built, [f for _, f in gathered]
+
+
+def pause_gc() -> None:
+    """Keep Python's cyclic garbage collector out of the steps (torchtitan's recipe): what set-up made —
+    modules, model, dataset, hundreds of thousands of objects — moves to the permanent generation, and
+    the young generations are collected every GC_EVERY steps instead of whenever allocations cross a
+    threshold (a full collection would scan everything made since, the TensorBoard import at the first
+    log step among it: tens of ms). Startup's own garbage, if any, stays: a full collection first would
+    cost a large fraction of a second before the first step."""
+    global _FORK_HOOKED
+    gc.freeze()
+    gc.disable()
+    if not _FORK_HOOKED:  # DataLoader workers forked from here run on their own: with the collector on
+        os.register_at_fork(after_in_child=gc.enable)
+        _FORK_HOOKED = True
+
+
+def resume_gc() -> None:
+    gc.unfreeze()
+    gc.enable()
+
+
+_FORK_HOOKED = False
 
 
 class Trainer:
@@ -97,10 +124,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
         self.channels_last = t.channels_last and dev.type == "cuda"
-        # self.net: the bare module, for state dicts; self.model: what trains (DDP-wrapped, compiled)
-        self.net, self.eval_set, self.loss_fn, self.metric_fns = build_once(comm, self._build)
+        # self.net: the bare module, for state dicts; self.model: what trains (DDP-wrapped, compiled).
+        # One gather for the whole build and every rank's pre-flight facts (host, GPUs, versions).
+        built, self.ranks = build_once(comm, self._build, preflight.describe_rank(comm.rank, comm.local_rank))
+        self.net, self.eval_set, self.loss_fn, self.metric_fns, self.optimizer = built
         self.model = self.net
-        self.optimizer = build_once(comm, lambda: task.build_optimizer(cfg, self.net, W, dev.type))
         self.peak = task.peak_lr(cfg, W)
         self.step = 0
         self.tokens_per_sample = 0  # targets per sample for sequence models (B, T): reported as tokens/s
@@ -133,7 +161,8 @@ class Trainer:
         train, evaluation = task.build_data(cfg)
         self.loader = TrainLoader(train, int(cfg.data["batch_size"]), self.comm.world_size, self.comm.rank, cfg.seed,
                                   dev, loader_kwargs(cfg.data, dev), self.channels_last)
-        return model, evaluation, task.build_loss(cfg), task.build_metrics(cfg)
+        optimizer = task.build_optimizer(cfg, model, self.comm.world_size, dev.type)
+        return model, evaluation, task.build_loss(cfg), task.build_metrics(cfg), optimizer
 
     # -- checkpoint state ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -141,7 +170,10 @@ class Trainer:
             ck.MODEL: self.net.state_dict(),
             ck.OPTIMIZER: self.optimizer.state_dict(),
             ck.TRAIN_STATE: {"step": self.step, **self.source.state_dict()},
-            ck.RNG: {"torch": torch.get_rng_state(), "python": random.getstate()},
+            ck.RNG: {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     # dropout on the GPU draws from the device's generator: an exact resume needs it too
+                     **({"cuda": torch.cuda.get_rng_state(self.comm.device)} if self.comm.device.type == "cuda"
+                        else {})},
             ck.CONFIG: to_dict(self.cfg),
         }
         if self.scaler is not None:
@@ -158,6 +190,8 @@ class Trainer:
         if self.comm.is_main:  # other ranks re-seeded deterministically below; rank 0 continues exactly
             torch.set_rng_state(state[ck.RNG]["torch"])
             random.setstate(state[ck.RNG]["python"])
+            if "cuda" in state[ck.RNG] and self.comm.device.type == "cuda":
+                torch.cuda.set_rng_state(state[ck.RNG]["cuda"], self.comm.device)
 
     # -- data --------------------------------------------------------------------------------
     def batches(self) -> Iterator[Any]:
@@ -214,7 +248,7 @@ class Trainer:
     def prepare(self) -> None:
         """Pre-flight check, wrap for data parallelism, resume from the newest intact checkpoint."""
         cfg, comm, t = self.cfg, self.comm, self.cfg.trainer
-        ranks = comm.allgather_object(preflight.describe_rank(comm.rank, comm.local_rank))
+        ranks = self.ranks  # gathered with the build (build_once)
         if comm.is_main:
             print(f"ranks:\n{preflight.table(ranks)}", flush=True)
         if found := preflight.problems(ranks, comm.local_world_size, comm.device.type):
@@ -233,10 +267,12 @@ class Trainer:
         if state is None or not comm.is_main:
             torch.manual_seed(cfg.seed + comm.rank + self.step)
 
-    def train_step(self, batches: Iterable[Any], want_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step over grad_accum_steps micro-batches: (summed loss, grad norm or None)."""
+    def train_step(self, batches: Iterable[Any], logging: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One optimizer step over grad_accum_steps micro-batches: (the micro-batches' summed loss, the grad norm)
+        at a log step; else the loss is None (nothing accumulated or allocated for it) and so is the norm, unless
+        clipping computed it anyway."""
         comm, model, accum = self.comm, self.model, self.cfg.trainer.grad_accum_steps
-        loss_sum = torch.zeros((), device=comm.device)
+        loss_sum = None
         data_s, forward_s, clock = 0.0, 0.0, time.perf_counter()  # this rank's own share of the step (straggler)
         for micro, batch in enumerate(batches):  # waits for the batch (on the device): data_s
             if testhooks.SLOW_DATA_S:
@@ -250,16 +286,27 @@ class Trainer:
             with comm.no_sync(model, last_micro_step=micro == accum - 1):
                 loss, outputs, targets = self.forward_loss(batch)
                 forward_s += time.perf_counter() - fetched
-                loss = loss / accum
+                if accum > 1:
+                    loss = loss / accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_sum += loss.detach()
-            self.source.trained(outputs.detach(), targets)
+            if logging:
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            self.source.trained(outputs, targets)  # not detached here: a source that keeps them detaches
             clock = time.perf_counter()
         self.straggler.add(data_s, forward_s)
-        grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, want_norm, self.scaler)
+        grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, logging, self.scaler)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
         self.step += 1
         return loss_sum, grad_norm
+
+    def agree(self, loss_sum: torch.Tensor, values: list[float]) -> tuple[float, list[float]]:
+        """A log step's one all-reduce: (the loss averaged over the ranks, each of ``values`` summed over them).
+        The source's values ride along: batch mode's stop/save requests, online mode's prequential sums."""
+        comm = self.comm
+        buffer = torch.tensor([0.0, *values], dtype=torch.float64, device=comm.device)
+        buffer[0] = loss_sum
+        mean = comm.allreduce_mean(buffer).tolist()  # .tolist() syncs with the device
+        return mean[0], [v * comm.world_size for v in mean[1:]]
 
     def finish(self, result: dict[str, float], summary: str) -> None:
         """Rank 0: the closing line, result.json and the TensorBoard hparams of the run."""
@@ -300,6 +347,9 @@ class Trainer:
         tick, tick_step = time.perf_counter(), self.step
         attempt = rank.current_attempt()
         recovered_at = self.step + 1 if attempt and comm.is_main else -1  # a restart's first step
+        current_lr = None
+        profile = testhooks.start_profile(comm.rank)
+        pause_gc()
         while not t.max_steps or self.step < t.max_steps:  # max_steps=0: until the stream ends (online)
             progress.step(self.step + 1)
             turn = source.next(self.step)
@@ -311,23 +361,28 @@ class Trainer:
             if turn.batches is None:
                 continue
             lr = lr_at(self.step, self.peak, cfg.schedule, t.max_steps or sys.maxsize)
-            set_lr(self.optimizer, lr)
+            if lr != current_lr:  # the param groups are touched only when the schedule moves
+                set_lr(self.optimizer, lr)
+                current_lr = lr
+            # every reduction and every TensorBoard scalar of a step happens at log steps only
             logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-            loss_sum, grad_norm = self.train_step(turn.batches, want_norm=logging)
+            loss_sum, grad_norm = self.train_step(turn.batches, logging)
             if self.step == recovered_at:
                 metrics.log(recovery(self.run_dir, attempt), self.step)
             testhooks.maybe_hang(comm.rank, self.step, attempt)
             last = self.step == t.max_steps
             if testhooks.SLOW_STEP_S:
                 time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_STEP_S))
-            bar.update(1)
-            metrics.log({"lr": lr}, self.step)  # every step: schedules are checked against their formula
+            bar.update(1)  # redraws at most every mininterval (progress_bar)
+            if t.log_lr_every_step and not logging:  # opt-in: a test checks a schedule step by step
+                metrics.log({"lr": lr}, self.step)
             if logging:
-                loss_avg = comm.allreduce_mean(loss_sum).item()  # .item() syncs with the device
+                assert loss_sum is not None
+                loss_avg, sums = self.agree(loss_sum, source.log_values())  # the log step's one all-reduce
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
-                logged = {"train/loss": loss_avg, "perf/samples_per_s": rate, **source.log()}
+                logged = {"train/loss": loss_avg, "lr": lr, "perf/samples_per_s": rate, **source.log(sums)}
                 if self.tokens_per_sample > 0:
                     logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
@@ -339,7 +394,11 @@ class Trainer:
             if self.step % t.eval_every == 0 or last:
                 result = self.evaluate()
                 metrics.log(result, self.step)
+            if self.step % GC_EVERY == 0:
+                gc.collect(1)  # the young generations: what the last steps made (see pause_gc)
         bar.close()
+        testhooks.save_profile(profile)
+        resume_gc()
         if ended == STOP_SIGNAL and not source.finish_on_stop:  # saved above; no final evaluation, exit quickly
             if comm.is_main:
                 print(f"stopping on request at step {self.step}: checkpoint saved", flush=True)

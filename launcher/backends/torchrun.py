@@ -9,6 +9,7 @@ from launcher.ssh import ssh_node
 
 # torchrun prefixes each teed line with this; ${rank} is the global rank
 LOG_LINE_PREFIX = "[rank${rank}]:"
+LAST_CALL_S = 10
 
 
 class TorchrunBackend:
@@ -25,7 +26,7 @@ class TorchrunBackend:
     def node_command(plan: LaunchPlan, node_rank: int, nproc: int, local_addr: str) -> Cmd:
         argv = [
             plan.python, "-m", "torch.distributed.run",
-            "--nnodes", str(plan.nnodes),
+            "--nnodes", f"{plan.min_nodes}:{plan.nnodes}" if plan.elastic else str(plan.nnodes),
             "--nproc-per-node", str(nproc),
             # c10d rendezvous on node 0: unlike the static one it starts a fresh round (and a fresh
             # store prefix) on every restart, so --max-restarts works
@@ -41,7 +42,9 @@ class TorchrunBackend:
         if plan.nnodes > 1:
             # say who hosts the rendezvous store and under which address, instead of letting torch guess
             # from the hostname (wrong wherever the hostname does not resolve to the address others use)
-            argv += ["--rdzv-conf", f"is_host={int(node_rank == 0)}"]
+            # elastic: once MIN nodes are in, a round waits this long for the rest (torch's default: 30 s)
+            conf = f"is_host={int(node_rank == 0)}" + (f",last_call_timeout={LAST_CALL_S}" if plan.elastic else "")
+            argv += ["--rdzv-conf", conf]
             if node_rank == 0 or plan.hosts:
                 argv += ["--local-addr", local_addr]
         argv += plan.rank_program  # `-m workers.train …` or `-m workers.rank script.py|-m module …`

@@ -7,6 +7,8 @@ loader's fast path (one tensor index per batch, no per-sample collate).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -55,11 +57,25 @@ def split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, split_seed: in
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits, pixels scaled from 0..16 to 0..1."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's 8x8 digits, pixels scaled from 0..16 to 0..1.
 
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
+    Read from the CSV that ships inside scikit-learn (what ``load_digits`` reads), without importing
+    scikit-learn: that import costs seconds, paid again by every rank of every restart."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if csv is None or not csv.is_file():  # another layout: scikit-learn's own loader
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target, dtype=torch.long)
+    with gzip.open(csv, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return torch.from_numpy(table[:, :-1]) / 16.0, torch.from_numpy(table[:, -1].astype(np.int64))
 
 
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> tuple[Dataset, Dataset]:

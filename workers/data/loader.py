@@ -4,7 +4,8 @@
 ``data.num_workers`` worker processes decode samples, ``pin_memory`` (CUDA) page-locks the batches,
 and the next batch is copied to the device with ``non_blocking=True`` while the current step
 computes. In-memory ``TensorDataset``s take a fast path: one tensor index per batch instead of a
-``__getitem__`` and collate per sample.
+``__getitem__`` and collate per sample; without worker processes no DataLoader either — each batch's
+indices are a slice of the epoch's index tensor (no Python list per batch).
 
 The position that checkpoints keep — epoch, and global samples done in it — counts the batches the
 training loop has *taken*, not those the workers have loaded ahead, so a resumed run continues with
@@ -101,6 +102,9 @@ class TrainLoader:
         self.batches = _Recorded(self.sampler, batch_size, drop_last=True)
         self.generator = torch.Generator()  # worker seeds: not drawn from the training RNG
         self.loader = batched_loader(dataset, self.batches, generator=self.generator, **loader_kw)
+        # in-memory tensors and no worker processes: batches sliced straight from the tensors (_sliced)
+        self.tensors = dataset.tensors if isinstance(dataset, TensorDataset) and not loader_kw["num_workers"] else None
+        self.pin = bool(loader_kw.get("pin_memory"))
         if len(self.sampler) < batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples: fewer than one batch of {batch_size} "  # type: ignore[arg-type]
                              f"per rank for {world_size} ranks. HINT: lower data.batch_size")
@@ -128,8 +132,27 @@ class TrainLoader:
     def _batches_left(self, position: int) -> int:
         return (self.sampler.total_size - position) // self.world_size // self.batch_size
 
+    def _sliced(self) -> Iterator[Any]:
+        """The fast path's batches from the current position on, across epochs: the same samples in the same
+        order as the DataLoader's (the sampler's indices, batch_size at a time, the last partial batch dropped)."""
+        assert self.tensors is not None
+        epoch, position = self.epoch, self.position
+        while True:
+            self.sampler.set_epoch(epoch, start=position)
+            order = self.sampler.indices()
+            for first in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                index = order[first : first + self.batch_size]
+                if self.batches.handed is not None:
+                    self.batches.handed.append(index.tolist())
+                batch = tuple([t[index] for t in self.tensors])
+                yield tuple(b.pin_memory() for b in batch) if self.pin else batch
+            epoch, position = epoch + 1, 0
+
     def _loaded(self) -> Iterator[Any]:
         """The DataLoader's batches from the current position on, across epochs."""
+        if self.tensors is not None:
+            yield from self._sliced()
+            return
         epoch, position = self.epoch, self.position
         while True:
             self.sampler.set_epoch(epoch, start=position)
@@ -142,8 +165,10 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[Any]:
         ahead = None  # the next batch, already on its way to the device
+        move = self.device.type != "cpu" or self.channels_last  # a CPU tensor to the CPU is itself: skip the calls
         for batch in self._loaded():
-            batch = to_device(batch, self.device, self.channels_last)
+            if move:
+                batch = to_device(batch, self.device, self.channels_last)
             if ahead is not None:
                 yield self._take(ahead)
             ahead = batch

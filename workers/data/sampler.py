@@ -28,14 +28,16 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.start = start
 
-    def _order(self) -> list[int]:
+    def indices(self) -> torch.Tensor:
+        """This rank's dataset indices for the epoch from ``start`` on, in order: a tensor (the loader slices its
+        batches from it)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()[: self.total_size]  # type: ignore[arg-type]
+        rest = torch.randperm(len(self.dataset), generator=g)[self.start : self.total_size]  # type: ignore[arg-type]
+        usable = len(rest) - len(rest) % self.num_replicas
+        return rest[self.rank : usable : self.num_replicas].contiguous()
 
     def __iter__(self) -> Iterator[int]:
-        rest = self._order()[self.start :]
-        usable = len(rest) - len(rest) % self.num_replicas
-        return iter(rest[self.rank : usable : self.num_replicas])
+        return iter(self.indices().tolist())
 
     def __len__(self) -> int:
         return (self.total_size - self.start) // self.num_replicas

@@ -50,6 +50,8 @@ class Comm(Protocol):
 def clip_grads(model: nn.Module, max_norm: float, want_norm: bool) -> torch.Tensor | None:
     """Clip to max_norm if > 0; the global grad norm (left on the device: reading it would sync) when
     clipping computed it anyway or the caller wants it, else None."""
+    if max_norm <= 0 and not want_norm:  # the common step between log steps: nothing to compute
+        return None
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         return nn.utils.clip_grad_norm_(params, max_norm)

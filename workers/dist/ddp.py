@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import datetime
 from typing import Any
 
@@ -85,8 +86,11 @@ class DDPComm(SingleProcessComm):
         # addresses are still set: a per-attempt key prefix keeps them from connecting to dead peers.
         store, _, _ = next(rendezvous("env://", env.rank, env.world_size, timeout=timeout))
         store = dist.PrefixStore(f"launcher/attempt_{env.restart_count}", store)
+        # device_id binds NCCL's communicator to this rank's GPU at once (eager init); older torch lacks it
+        bind = {"device_id": self.device} if self.device.type == "cuda" and "device_id" in inspect.signature(
+            dist.init_process_group).parameters else {}
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                device_id=self.device if self.device.type == "cuda" else None)
+                                **bind)
 
     @property
     def is_main(self) -> bool:

@@ -14,12 +14,13 @@ def describe_rank(rank: int, local_rank: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {"rank": rank, "local_rank": local_rank, "host": socket.gethostname(),
             "gpus": torch.cuda.device_count() if cuda else 0, "torch": str(torch.__version__),
+            "device": f"cuda:{torch.cuda.current_device()}" if cuda else "cpu",
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else "-"}
 
 
 def table(ranks: list[dict[str, Any]]) -> str:
-    cols = ("rank", "local_rank", "host", "gpus", "torch", "nccl")
-    rows = [cols, *[tuple(str(r[c]) for c in cols) for r in ranks]]
+    cols = ("rank", "local_rank", "host", "device", "gpus", "torch", "nccl")
+    rows = [cols, *[tuple(str(r.get(c, "-")) for c in cols) for r in ranks]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
@@ -37,4 +38,8 @@ def problems(ranks: list[dict[str, Any]], local_world_size: int, device: str) ->
         short = sorted({r["host"] for r in ranks if r["gpus"] < local_world_size})
         if short:
             found.append(f"fewer GPUs than the {local_world_size} ranks per node on: {', '.join(short)}")
+        seats = [(r["host"], r.get("device")) for r in ranks]
+        shared = sorted({f"{h}:{d}" for h, d in seats if d and seats.count((h, d)) > 1})
+        if shared:
+            found.append(f"ranks share a GPU (one GPU per rank is the rule): {', '.join(shared)}")
     return found

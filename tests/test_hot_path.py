@@ -1,0 +1,229 @@
+"""What a training step does and does not do (issue #17): TensorBoard and reductions only at log steps, the
+signal check riding on the log step's all-reduce, batches sliced from tensors, and a launcher that imports no
+torch for the built-in presets. In-process and quick: the trainer runs on one rank without torch.distributed."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from launcher.config import DEFAULT_CONFIG_DIR, compose_config
+from launcher.errors import UsageError
+from workers import config as schema
+from workers import task, trainer
+from workers.data.loader import TrainLoader
+from workers.dist.ddp import SingleProcessComm
+from workers.dist.env import DistEnv
+from workers.optim import lr_at
+from workers.sources import SIGNAL_POLL_EVERY, EpochSource
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["data=synthetic", "data.num_samples=1024", "data.batch_size=16", "trainer.eval_every=1000000",
+         "trainer.checkpoint_every=1000000", "trainer.threads=1"]
+
+
+class Recorder:
+    """The logger rank 0 would get: (step, tags) of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[str]]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            self.calls.append((step, sorted(metrics)))
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class CountingComm(SingleProcessComm):
+    """One rank; notes the trainer's step at every all-reduce."""
+
+    def __init__(self) -> None:
+        super().__init__(DistEnv())
+        self.trainer: trainer.Trainer | None = None
+        self.reduced_at: list[int] = []
+
+    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.trainer is not None
+        self.reduced_at.append(self.trainer.step)
+        return tensor
+
+
+@contextlib.contextmanager
+def own_signal_handlers() -> Iterator[None]:
+    """The trainer installs SIGTERM/SIGINT/SIGUSR1 handlers: give pytest its own back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> tuple[Recorder, CountingComm]:
+    recorder, comm = Recorder(), CountingComm()
+    monkeypatch.setattr(trainer, "build_logger", lambda *_: recorder)
+    with own_signal_handlers():
+        run = trainer.Trainer(compose_config([*SMALL, *overrides]), comm, tmp_path)
+        comm.trainer = run
+        run.train()
+    return recorder, comm
+
+
+def test_only_log_steps_touch_tensorboard_or_reduce(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder, comm = train(tmp_path, monkeypatch, "trainer.max_steps=25", "trainer.log_every=10")
+    assert {step for step, _ in recorder.calls} == {10, 20, 25}  # the last step logs too
+    at_10 = [tags for step, tags in recorder.calls if step == 10]
+    assert at_10 == [["lr", "perf/samples_per_s", "train/epoch", "train/grad_norm", "train/loss"]]
+    # one all-reduce per log step (loss + stop/save flags), the final evaluation's, nothing between
+    assert comm.reduced_at == [10, 20, 25, 25]
+
+
+def test_lr_every_step_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder, _ = train(tmp_path, monkeypatch, "trainer.max_steps=25", "trainer.log_every=10", "schedule=cosine",
+                        "schedule.warmup_steps=5", "trainer.log_lr_every_step=true")
+    lr_steps = [step for step, tags in recorder.calls if "lr" in tags]
+    assert lr_steps == list(range(1, 26))  # each step once: a log step's lr is not written twice
+    cfg = compose_config([*SMALL, "schedule=cosine", "schedule.warmup_steps=5", "trainer.max_steps=25"])
+    peak = task.peak_lr(cfg, 1)
+    assert [lr_at(s - 1, peak, cfg.schedule, 25) for s in lr_steps][:5] == pytest.approx([peak * k / 5 for k in
+                                                                                          range(1, 6)])
+
+
+def test_accumulated_loss_is_the_micro_batches_sum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With grad_accum_steps=2 the logged loss is the mean of the step's two micro-batch losses, as before."""
+    losses: list[float] = []
+    original = trainer.Trainer.agree
+
+    def agree(self: trainer.Trainer, loss_sum: torch.Tensor, values: list[float]) -> tuple[float, list[float]]:
+        losses.append(float(loss_sum))
+        return original(self, loss_sum, values)
+
+    monkeypatch.setattr(trainer.Trainer, "agree", agree)
+    train(tmp_path, monkeypatch, "trainer.max_steps=4", "trainer.log_every=2", "trainer.grad_accum_steps=2")
+    assert len(losses) == 2 and all(1.0 < v < 5.0 for v in losses)  # ~ln(10): a mean, not a sum of two
+
+
+# -- the signal check: on the log step's all-reduce, a poll of its own only when log steps are far apart --------
+class FakeTrainer:
+    """What EpochSource reads of the trainer; counts the signal polls (each a collective)."""
+
+    def __init__(self) -> None:
+        from workers.signals import SignalFlags
+
+        self.step, self.polls = 0, []
+        self.comm = SingleProcessComm(DistEnv())
+        self.cfg = compose_config(SMALL)
+        self.loader = type("L", (), {"epoch": 0})()
+        with own_signal_handlers():
+            self.signals = SignalFlags()
+        poll = self.signals.poll
+        self.signals.poll = lambda comm: (self.polls.append(self.step), poll(comm))[1]  # type: ignore[method-assign]
+
+    def batches(self) -> Iterator[Any]:
+        return iter(())
+
+
+def test_signals_ride_on_log_steps_and_are_acted_on_at_the_same_step() -> None:
+    t = FakeTrainer()
+    source = EpochSource(t)  # type: ignore[arg-type]
+    source.start()
+    for t.step in range(0, SIGNAL_POLL_EVERY + 1):
+        source.next(t.step)
+    assert t.polls == [SIGNAL_POLL_EVERY]  # none before SIGNAL_POLL_EVERY steps
+    # SIGUSR1, then a log step at step 15: the flags ride on its all-reduce (here the identity: one rank)
+    t.signals._on_save(signal.SIGUSR1, None)
+    t.step = 15
+    source.log(source.log_values())
+    turn = source.next(15)  # the next turn, at the same step on every rank: save now
+    assert turn.save and not turn.stop and t.polls == [SIGNAL_POLL_EVERY]  # no poll of its own
+    assert not source.next(15).save  # once
+
+
+def test_poll_interval_follows_the_step_time() -> None:
+    """Rank 0 proposes how many steps take about a second; with log steps closer than that, no poll of its own."""
+    t = FakeTrainer()
+    source = EpochSource(t)  # type: ignore[arg-type]
+    source.start()
+    source.window_at -= 1.0  # 100 steps in the last second: a proposal of ~100 steps
+    t.step = 100
+    source.log(source.log_values())
+    assert 90 <= source.poll_every <= 100
+    t.signals.stop_signal = signal.SIGTERM
+    t.step = 150
+    assert not source.next(t.step).stop and t.polls == []  # 50 steps since the agreement: not yet
+    t.step = 100 + source.poll_every
+    assert source.next(t.step).stop and t.polls == [t.step]
+
+
+# -- batches: tensor slices, the same samples as the DataLoader's ------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sliced_batches_equal_the_dataloaders(world: int) -> None:
+    x, y = torch.arange(203 * 2, dtype=torch.float32).view(203, 2), torch.arange(203)
+    data = TensorDataset(x, y)
+    for rank in range(world):
+        fast, plain = (TrainLoader(data, 8, world, rank, 3, torch.device("cpu"), {"num_workers": 0,
+                                                                                  "pin_memory": False})
+                       for _ in range(2))
+        assert fast.tensors is not None
+        plain.tensors = None  # the DataLoader path
+        for loader in (fast, plain):
+            loader.load_state_dict({"epoch": 1, "epoch_pos": 3 * 8 * world})
+        handed = fast.record_indices()
+        for (a, b), (c, d) in zip(fast, plain, strict=False):
+            assert torch.equal(a, c) and torch.equal(b, d) and fast.state_dict() == plain.state_dict()
+            assert handed.popleft() == b.tolist()  # the sample-log hook sees the same indices
+            if fast.epoch == 4:
+                break
+
+
+# -- the launcher: presets as shipped are not imported; everything else is checked before anything starts -------
+def test_dry_run_imports_no_torch() -> None:
+    code = ("import sys, contextlib, io\nfrom launcher.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['--dry-run', '--gpus', '2', '--run-dir', '/nonexistent/x', 'data=synthetic',"
+            " 'data.batch_size=64', 'optimizer.lr=0.01']) == 0\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+# every shipped combination that composes (gpt takes its vocabulary from a token dataset)
+PRESETS = [(m, d) for m in ("mlp", "gpt") for d in ("digits", "synthetic", "synthetic_tokens")
+           if m == "mlp" or d == "synthetic_tokens"]
+
+
+@pytest.mark.parametrize(("model", "data"), PRESETS)
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_every_shipped_preset_passes_the_check_it_skips(model: str, data: str, optimizer: str) -> None:
+    overrides = [f"model={model}", f"data={data}", f"optimizer={optimizer}"]
+    shipped: set[str] = set()
+    cfg = schema.compose(overrides, DEFAULT_CONFIG_DIR, builtin=DEFAULT_CONFIG_DIR, shipped=shipped)
+    task.check(cfg)  # what the launcher skips for `shipped` passes
+    assert {"data", "loss", "optimizer", "metrics.accuracy"} <= shipped
+    assert ("model" in shipped) == (model == "mlp")  # gpt's vocab comes from data: always checked
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.hidden=-3"], "model: workers.models.mlp.MLP"),  # a preset's value: its constructor is checked
+    (["optimizer.momentm=0.9"], "unexpected keyword argument 'momentm'"),  # a key the preset lacks
+    (["model=gpt", "data=synthetic_tokens", "data.vocab_size=-1"], "model: workers.models.gpt.GPT"),  # via ${}
+    (["data.num_samplez=5", "data=synthetic"], "data: workers.data.builtin.synthetic"),
+])
+def test_a_changed_preset_is_still_checked_before_anything_starts(overrides: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        compose_config(overrides)
+    assert message in str(e.value)
