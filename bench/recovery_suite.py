@@ -37,6 +37,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Stat, bar_plot, interleaved, table
 from bench.data_suite import Neighbours
+from launcher.procs import rank_pids
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]
 
@@ -88,24 +89,6 @@ class Run:
         return "\n".join(line for _, _, line in self.lines[-40:])
 
 
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """{local rank: pid} of the run's live torchrun ranks (tests/conftest.py's rank_pids, torchrun only)."""
-    found = []  # (local rank, pid, parent pid)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"workers.train" not in cmdline or str(run_dir).encode() not in cmdline:
-                continue
-            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if b"LOCAL_RANK" in env:
-            found.append((int(env[b"LOCAL_RANK"]), int(proc.name), ppid))
-    ranks = {pid for _, pid, _ in found}
-    return {local: pid for local, pid, ppid in found if ppid not in ranks}  # not a rank's DataLoader workers
 
 
 def started_at(pid: int) -> float | None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.procs import rank_pids  # noqa: F401 -- the tests' way to find ranks
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository root, wherever pytest is started from
 LAUNCHER_TIMEOUT_S = 300.0  # a hung run fails the test instead of hanging the suite
 TOKEN_VAR = "LAUNCHER_JOB_TOKEN"  # set in the launcher's environment, every process of its run carries it
@@ -171,26 +173,3 @@ def wait_for(predicate, timeout: float = 120) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """{local rank: pid} of this run's live worker processes (read from /proc)."""
-    found = []  # (local rank, pid, parent pid)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"workers.train" not in cmdline or str(run_dir).encode() not in cmdline:
-                continue
-            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        # torchrun sets LOCAL_RANK before exec; under mpirun/horovodrun only their own variables are in
-        # the initial environment
-        local = next((env[k] for k in (b"LOCAL_RANK", b"OMPI_COMM_WORLD_LOCAL_RANK", b"HOROVOD_LOCAL_RANK")
-                      if k in env), None)
-        if local is not None:
-            found.append((int(local), int(proc.name), ppid))
-    ranks = {pid for _, pid, _ in found}
-    # a rank's DataLoader workers share its command line and environment: keep those whose parent is no rank
-    return {local: pid for local, pid, ppid in found if ppid not in ranks}

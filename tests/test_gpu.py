@@ -18,7 +18,9 @@ import pytest
 import torch
 from conftest import ROOT, finish, newest_checkpoint, run_launcher, start, tb_scalars
 from gpu_probe import reference_grads
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
+
+from bench.data_suite import Plain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                    reason="needs CUDA: torch.cuda.is_available() is false")]
@@ -97,17 +99,7 @@ def test_fp16_autocast_trains_with_a_grad_scaler(tmp_path: Path) -> None:
     assert state["grad_scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
 
 
-class Samples(Dataset):
-    """Map-style samples: the DataLoader's per-sample path (collate), unlike TensorDataset's fast path."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
+Samples = Plain  # map-style samples: the DataLoader's per-sample path (collate), not TensorDataset's
 
 
 @pytest.mark.parametrize("kind", ["tensors", "samples"])
