@@ -66,8 +66,8 @@ every host runs ``python -m launcher.probe`` over ssh at once (Python/torch/NCCL
 nvidia-smi ECC errors and kernel-log XIDs, the rendezvous port on the first host, a local all-reduce), then the
 first host all-reduces with each other one (gloo over TCP). A table; a host that is unreachable, differs in
 versions, lacks GPUs, has ECC errors or a hardware XID, holds the port, or is slow (at most half the median of
-the other hosts' local all-reduce, or of the other links; one link alone: the first host's loopback) is named
-with its fix, and the exit status is 2 (``--preflight``: nothing starts; RUN_DIR/preflight.json has the table).
+the other hosts' local all-reduce, or of the other links; a lone link: a tenth of the first host's loopback)
+is named with its fix, and the exit status is 2 (``--preflight``: nothing starts; RUN_DIR/preflight.json).
 
 Exit status: 0 on success; 2 for bad input (nothing was started); the exit code of the first rank
 to fail, on every backend (128+N for a signal: 137 for SIGKILL; the launcher prints which rank

@@ -6,8 +6,9 @@ in turn (gloo over TCP, one rank on each: the link). judge() turns the results i
 its host and the fix; any problem is exit 2, and a launch with ``--preflight`` does not start.
 
 Slow means at most half the reference: for a host's local all-reduce, the median of the other hosts' (same
-backend); for a link, the median of the other links, or, when only one link was measured (two hosts), gloo over
-the first host's loopback. The first host is each link's other end, so a slow link names the other host.
+backend); for a link, the median of the other links. When only one link was measured (two hosts), at most a
+tenth of gloo over the first host's loopback (which no network matches). The first host is each link's other
+end, so a slow link names the other host.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from launcher.probe_hosts import Host, Target, gather
 from launcher.ssh import exported_env
 
 SLOW = 0.5  # at most this fraction of the reference is slow (2x slower)
+# A lone link has no other link to be compared with, only gloo over the first host's loopback, and loopback is no
+# network (a 64 KB MTU, no NIC): a healthy 10 GbE link reaches 0.15-0.4 of it. So a lone link is slow at a tenth:
+# what a link negotiated down to 1 Gb/s, or shaped, does.
+LONE_LINK_SLOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -119,24 +124,25 @@ def judge(hosts: Sequence[Host]) -> list[Problem]:
             found.append(Problem(h.name, "no link", f"all-reduce between {first} and {h.name} failed "
                                  f"({h.link_error}). HINT: let TCP through between the hosts, and set "
                                  "GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME) to the interface they share"))
-    links, ref = link_reference(hosts)
+    links, ref, factor = link_reference(hosts)
     against = "the other links' median" if len(links) > 1 else f"gloo over {first}'s loopback"
     for name, value in links.items():
-        if ref.get(name) and value <= SLOW * ref[name]:
-            found.append(Problem(name, "slow link", f"{name}: link to {first} {value:.3g} GB/s, {against} "
-                                 f"{ref[name]:.3g} GB/s."
+        if ref.get(name) and value <= factor * ref[name]:
+            found.append(Problem(name, "slow link", f"{name}: link to {first} {value:.3g} GB/s, at most {factor:g}x "
+                                 f"{against} ({ref[name]:.3g} GB/s)."
                                  f" HINT: check {name}'s network: `ethtool` speed, errors, MTU, a traffic shaper "
                                  f"(`tc qdisc show`), or leave {name} out"))
     return found
 
 
-def link_reference(hosts: Sequence[Host]) -> tuple[dict[str, float], dict[str, float]]:
-    """({host: link GB/s}, {host: its reference}): the median of the other links, or the first host's loopback."""
+def link_reference(hosts: Sequence[Host]) -> tuple[dict[str, float], dict[str, float], float]:
+    """({host: link GB/s}, {host: its reference}, the fraction of it that is slow): the median of the other links
+    (SLOW), or for a lone link the first host's loopback (LONE_LINK_SLOW)."""
     links = {h.name: h.link_gbps for h in hosts[1:] if h.link_gbps}
     if len(links) > 1:
-        return links, {n: statistics.median(v for m, v in links.items() if m != n) for n in links}
+        return links, {n: statistics.median(v for m, v in links.items() if m != n) for n in links}, SLOW
     loopback = (hosts[0].probe or {}).get("loopback_gbps") if hosts else None
-    return links, {n: loopback for n in links if loopback}
+    return links, {n: loopback for n in links if loopback}, LONE_LINK_SLOW
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -175,13 +181,13 @@ def check(target: Target, env: Mapping[str, str], record: Path | None = None) ->
         return 130
     problems = judge(hosts)
     records = rows(hosts, problems)
-    links, refs = link_reference(hosts)
+    links, refs, factor = link_reference(hosts)
     print(f"launcher: preflight of {len(hosts)} host(s) in {time.monotonic() - started:.0f} s\n{table(records)}")
     if links:
         ref = next(iter(refs.values()), None)
         basis = ("the median of the other links" if len(links) > 1 else
                  f"{hosts[0].name}'s loopback ({ref:.3g} GB/s)" if ref else "nothing (no loopback measured)")
-        print(f"link: gloo all-reduce of {target.mb:g} MB with {hosts[0].name}; slow at <= {SLOW:g}x {basis}",
+        print(f"link: gloo all-reduce of {target.mb:g} MB with {hosts[0].name}; slow at <= {factor:g}x {basis}",
               flush=True)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)

@@ -108,9 +108,9 @@ def test_accumulated_loss_is_the_micro_batches_sum(tmp_path: Path, monkeypatch: 
     losses: list[float] = []
     original = trainer.Trainer.agree
 
-    def agree(self: trainer.Trainer, loss_sum: torch.Tensor, values: list[float]) -> tuple[float, list[float]]:
+    def agree(self: trainer.Trainer, loss_sum: torch.Tensor, *parts: list[float]) -> tuple[float, list[list[float]]]:
         losses.append(float(loss_sum))
-        return original(self, loss_sum, values)
+        return original(self, loss_sum, *parts)
 
     monkeypatch.setattr(trainer.Trainer, "agree", agree)
     train(tmp_path, monkeypatch, "trainer.max_steps=4", "trainer.log_every=2", "trainer.grad_accum_steps=2")

@@ -84,15 +84,17 @@ def test_slow_link_against_the_other_links() -> None:
              Host("c", probe=probe(), link_gbps=0.3), Host("d", probe=probe(), link_gbps=1.1)]
     found = judge(hosts)
     assert [(p.host, p.label) for p in found] == [("c", "slow link")]
-    assert "link to a 0.3 GB/s, the other links' median 1.05 GB/s" in found[0].line
+    assert "link to a 0.3 GB/s, at most 0.5x the other links' median (1.05 GB/s)" in found[0].line
 
 
-def test_a_lone_link_is_compared_with_the_first_hosts_loopback() -> None:
-    slow = [Host("a", probe=probe(loopback_gbps=1.5)), Host("b", probe=probe(), link_gbps=0.0025)]
-    assert [(p.host, p.label) for p in judge(slow)] == [("b", "slow link")]
-    assert link_reference(slow) == ({"b": 0.0025}, {"b": 1.5})
-    fine = [Host("a", probe=probe(loopback_gbps=1.5)), Host("b", probe=probe(), link_gbps=0.9)]
-    assert judge(fine) == []
+def test_a_lone_link_is_slow_at_a_tenth_of_the_first_hosts_loopback() -> None:
+    slow = [Host("a", probe=probe(loopback_gbps=4.0)), Host("b", probe=probe(), link_gbps=0.11)]  # 1 Gb/s
+    found = judge(slow)
+    assert [(p.host, p.label) for p in found] == [("b", "slow link")]
+    assert "link to a 0.11 GB/s, at most 0.1x gloo over a's loopback (4 GB/s)" in found[0].line
+    assert link_reference(slow) == ({"b": 0.11}, {"b": 4.0}, 0.1)
+    ten_gbe = [Host("a", probe=probe(loopback_gbps=4.0)), Host("b", probe=probe(), link_gbps=1.1)]
+    assert judge(ten_gbe) == []  # loopback is no network: a healthy 10 GbE link is a quarter of it
 
 
 def test_port_busy_on_the_first_host() -> None:

@@ -70,35 +70,29 @@ def test_many_stragglers_are_counted_not_listed() -> None:
 
 
 class FakeComm:
-    """Three ranks as rank 0 sees them: the gathered times are given, the rest is this rank's."""
+    """Rank ``rank`` of three."""
 
-    rank, world_size, is_main, device = 0, 3, True, torch.device("cpu")
+    world_size, device = 3, torch.device("cpu")
 
-    def __init__(self, others: list[float]) -> None:
-        self.others = others
-        self.sent: list[float] = []
-
-    def allgather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.sent.append(tensor.item())
-        return torch.tensor([tensor.item(), *self.others], dtype=tensor.dtype)
-
-    def allgather_object(self, obj: object) -> list[object]:
-        return [obj, "h1", "h2"]
+    def __init__(self, rank: int = 0) -> None:
+        self.rank, self.is_main = rank, rank == 0
 
 
-def test_check_sends_the_window_mean_and_counts_forward_unless_it_waits() -> None:
+def test_local_puts_the_window_mean_in_this_ranks_place_and_counts_forward_unless_it_waits() -> None:
+    """Summed over the ranks (the log step's all-reduce), the vectors are every rank's mean: no collective here."""
     lines: list[str] = []
-    d = StragglerDetector(factor=1.5, windows=1, say=lines.append)
-    comm = FakeComm([0.002, 0.050])
+    d = StragglerDetector(factor=1.5, windows=1, say=lines.append, hosts=["h0", "h1", "h2"])
     for _ in range(4):
         d.add(data_s=0.001, forward_s=0.002)
-    scalars = d.check(comm, step=4)
-    assert comm.sent == [pytest.approx(0.003)] and (d.local_s, d.steps) == (0.0, 0)  # reset for the next window
+    mine = d.local(FakeComm(rank=1))
+    assert mine == [0.0, pytest.approx(0.003), 0.0] and (d.local_s, d.steps) == (0.0, 0)  # reset for the next
+    summed = [a + b for a, b in zip(mine, [0.002, 0.0, 0.050], strict=True)]  # + the other ranks' vectors
+    assert d.check(FakeComm(rank=1), summed) == {} and lines == []  # only rank 0 judges
+    scalars = d.check(FakeComm(rank=0), summed)
     assert scalars["straggler/rank"] == 2 and lines and lines[0].startswith("straggler: rank 2 (h2)")
     d.count_forward = False  # a forward that holds a collective: only the data part is this rank's
     d.add(data_s=0.001, forward_s=0.5)
-    d.check(comm, step=5)
-    assert comm.sent[-1] == pytest.approx(0.001)
+    assert d.local(FakeComm(rank=0)) == [pytest.approx(0.001), 0.0, 0.0]
 
 
 def test_single_rank_checks_nothing() -> None:
@@ -107,7 +101,7 @@ def test_single_rank_checks_nothing() -> None:
 
     d = StragglerDetector(factor=1.5, windows=1)
     d.add(0.1, 0.1)
-    assert d.check(One([]), step=1) == {}
+    assert d.local(One()) == [] and d.check(One(), []) == {}
 
 
 def test_slow_rank_hook_picks_one_rank(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,22 +15,22 @@ forward time would hide it, so only the data part is counted (see :func:`forward
 ``mode=online`` the batch arrives before the step, after the ranks' agreement (a collective), so the
 local share is the forward alone.
 
-Cost: two clock reads per micro-batch; at log steps one all-gather of one number per rank. Rank 0
-compares each rank's mean over the log window with the median; a rank above ``factor`` times the median
-(and more than :data:`MIN_GAP_S` above it, so that noise on tiny steps does not count) for ``windows``
-consecutive log windows is named once on the console — again only after it recovered and fell behind
-anew — and TensorBoard gets ``straggler/max_ratio`` (the slowest rank's ratio to the median),
-``straggler/rank`` (the slowest rank), ``straggler/max_ms`` and ``straggler/median_ms`` at every log step.
+Cost: two clock reads per micro-batch; at log steps one number per rank rides on the log step's
+all-reduce (each rank's mean at its own place in a world-size vector of zeros: the sum is every rank's
+mean), no collective of its own. Rank 0 compares each rank's mean over the log window with the median;
+a rank above ``factor`` times the median (and more than :data:`MIN_GAP_S` above it, so that noise on
+tiny steps does not count) for ``windows`` consecutive log windows is named once on the console — again
+only after it recovered and fell behind anew — and TensorBoard gets ``straggler/max_ratio`` (the slowest
+rank's ratio to the median), ``straggler/rank`` (the slowest rank), ``straggler/max_ms`` and
+``straggler/median_ms`` at every log step.
 """
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from workers.dist.comm import Comm
@@ -53,33 +53,37 @@ def median(values: list[float]) -> float:
 
 
 class StragglerDetector:
-    """``add`` every step on every rank; ``check`` at log steps on every rank (a collective)."""
+    """``add`` every step on every rank; at log steps, on every rank, ``local`` goes into the log step's all-reduce
+    and ``check`` reads the sum. ``hosts``: each rank's host name, for the console line."""
 
     def __init__(self, factor: float, windows: int, model: Any = None,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, hosts: list[str] | None = None) -> None:
         self.factor, self.windows = factor, windows
         self.count_forward = not forward_waits(model)
         self.say = say or (lambda line: tqdm.write(line, file=sys.stdout))  # keeps rank 0's progress bar intact
         self.local_s, self.steps = 0.0, 0  # this rank's, since the last check
         self.behind: list[int] = []  # rank 0: consecutive log windows each rank was above the threshold
-        self.hosts: list[str] = []
+        self.hosts: list[str] = hosts or []
 
     def add(self, data_s: float, forward_s: float) -> None:
         """One optimizer step's local time on this rank: waiting for and moving its batches, forward and loss."""
         self.local_s += data_s + forward_s if self.count_forward else data_s
         self.steps += 1
 
-    def check(self, comm: Comm, step: int) -> dict[str, float]:
-        """At a log step, on every rank: gather the window's mean local times; rank 0 names stragglers and
-        returns its TensorBoard scalars (other ranks, and a single rank, return {})."""
+    def local(self, comm: Comm) -> list[float]:
+        """At a log step: this rank's mean local step time over the window, at its place in a world-size vector of
+        zeros, for the log step's all-reduce (Trainer.agree) to sum; starts the next window. Empty for one rank."""
         if comm.world_size == 1:
-            return {}
-        mean = torch.tensor([self.local_s / max(self.steps, 1)], dtype=torch.float64, device=comm.device)
+            return []
+        times = [0.0] * comm.world_size
+        times[comm.rank] = self.local_s / max(self.steps, 1)
         self.local_s, self.steps = 0.0, 0
-        times = comm.allgather_tensor(mean).tolist()
-        if not self.hosts:  # once, for the console line
-            self.hosts = comm.allgather_object(socket.gethostname())
-        if not comm.is_main:
+        return times
+
+    def check(self, comm: Comm, times: list[float]) -> dict[str, float]:
+        """At a log step, with every rank's mean (the sum of :meth:`local`): rank 0 names stragglers and returns
+        its TensorBoard scalars (other ranks, and a single rank, return {})."""
+        if not times or not comm.is_main:
             return {}
         scalars, lines = self.judge(times)
         for line in lines:

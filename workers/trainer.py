@@ -299,14 +299,19 @@ class Trainer:
         self.step += 1
         return loss_sum, grad_norm
 
-    def agree(self, loss_sum: torch.Tensor, values: list[float]) -> tuple[float, list[float]]:
-        """A log step's one all-reduce: (the loss averaged over the ranks, each of ``values`` summed over them).
-        The source's values ride along: batch mode's stop/save requests, online mode's prequential sums."""
+    def agree(self, loss_sum: torch.Tensor, *parts: list[float]) -> tuple[float, list[list[float]]]:
+        """A log step's one all-reduce: (the loss averaged over the ranks, each part's values summed over them).
+        What rides along: the source's (batch mode's stop/save requests, online mode's prequential sums) and
+        the straggler detector's (every rank's local step time)."""
         comm = self.comm
-        buffer = torch.tensor([0.0, *values], dtype=torch.float64, device=comm.device)
+        buffer = torch.tensor([0.0, *(v for part in parts for v in part)], dtype=torch.float64, device=comm.device)
         buffer[0] = loss_sum
         mean = comm.allreduce_mean(buffer).tolist()  # .tolist() syncs with the device
-        return mean[0], [v * comm.world_size for v in mean[1:]]
+        sums, start = [], 1
+        for part in parts:
+            sums.append([v * comm.world_size for v in mean[start : start + len(part)]])
+            start += len(part)
+        return mean[0], sums
 
     def finish(self, result: dict[str, float], summary: str) -> None:
         """Rank 0: the closing line, result.json and the TensorBoard hparams of the run."""
@@ -331,7 +336,8 @@ class Trainer:
         self.prepare()
         source.start()
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
-        self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model)  # the wrapped model
+        self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model,  # the wrapped model
+                                           hosts=[r["host"] for r in self.ranks])
 
         def saved(stall: float | None, forced: bool = False) -> None:
             if stall is not None:  # rank 0 only
@@ -378,7 +384,8 @@ class Trainer:
                 metrics.log({"lr": lr}, self.step)
             if logging:
                 assert loss_sum is not None
-                loss_avg, sums = self.agree(loss_sum, source.log_values())  # the log step's one all-reduce
+                # the log step's one all-reduce
+                loss_avg, (sums, times) = self.agree(loss_sum, source.log_values(), self.straggler.local(comm))
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
                 tick, tick_step = now, self.step
@@ -387,7 +394,7 @@ class Trainer:
                     logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
                     logged["train/grad_norm"] = grad_norm.item()
-                logged.update(self.straggler.check(comm, self.step))  # a collective; rank 0's scalars
+                logged.update(self.straggler.check(comm, times))  # rank 0's scalars
                 metrics.log(logged, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             saved(self.checkpoint(last=last))
