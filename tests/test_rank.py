@@ -55,8 +55,8 @@ def test_an_unhandled_sigterm_is_recorded_and_still_kills(tmp_path: Path) -> Non
 
 
 def test_sigusr2_dumps_every_threads_stack(tmp_path: Path) -> None:
-    proc = run_rank(tmp_path, "import time\ndef waiting_here():\n    time.sleep(60)\nprint('up', flush=True)\n"
-                              "waiting_here()\n")
+    proc = run_rank(tmp_path, "import time\ndef waiting_here():\n    print('up', flush=True)\n    time.sleep(60)\n"
+                              "waiting_here()\n")  # 'up' from inside: the signal finds it there
     assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
     proc.send_signal(signal.SIGUSR2)
     stacks = tmp_path / "attempts" / "0" / "rank1.stacks"
