@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Stat, bar_plot, interleaved, table
 from bench.data_suite import Neighbours
-from launcher.procs import rank_pids
+from launcher.procs import alive, rank_pids, started
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]
 
@@ -93,12 +93,12 @@ class Run:
 
 def started_at(pid: int) -> float | None:
     """Wall time the process started, to 10 ms: its age from /proc (btime in /proc/stat is whole seconds)."""
+    ticks = started(pid)
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
+    except (OSError, ValueError):
         return None
-    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    return None if ticks is None else time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def runner_pid(run_dir: Path) -> int | None:
@@ -111,13 +111,6 @@ def runner_pid(run_dir: Path) -> int | None:
         if b"torch.distributed.run" in cmdline and str(run_dir).encode() in cmdline:
             return int(proc.name)
     return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _json(path: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from launcher.backends import get_backend
 from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
-from launcher.supervisor import Supervisor
+from launcher.supervisor import Supervisor, not_restarting
 from launcher.watch import Timeouts, Watch
 from launcher.watch import describe as watch_describe
 from workers.config import to_yaml
@@ -97,15 +97,14 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
         if code == 0:
             return 0
         print(watch_describe(failure, hosts=plan.nnodes > 1) if failure else
-              f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(list(sup.output)[-20:]),
+              f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(sup.output),
               file=sys.stderr, flush=True)
         if failure is not None:
             code = failure["exit_code"]
         if attempt == own_restarts:
             break
         if failure is not None and plan.builtin and not failure["first_step_reached"]:
-            print(f"launcher: attempt {attempt} failed before its first training step: not restarting (a restart "
-                  "would fail the same way)", file=sys.stderr, flush=True)
+            print(not_restarting(attempt), file=sys.stderr, flush=True)
             break
         print(f"launcher: restarting all ranks ({attempt + 1}/{own_restarts}); they resume from the newest "
               "checkpoint", file=sys.stderr, flush=True)

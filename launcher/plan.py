@@ -7,7 +7,6 @@ impure it needs (CUDA device count, a free port, core count, the interpreter, th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -18,9 +17,6 @@ from launcher.errors import UsageError
 from launcher.procs import TOKEN_VAR
 from launcher.ssh import exported_env
 
-# the checkout goes on the ranks' PYTHONPATH so `-m workers.train` works from any working directory; an installed
-# wheel needs nothing (its site-packages is on the path already, and must not go ahead of the standard library)
-PROJECT_ROOT = resources.source_root()
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node must agree on it, so no random port
 
 
@@ -83,7 +79,7 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
     # elastic: a node's loss is a restart of the others at the smaller size, so some restarts must be allowed
     restarts = opts.max_restarts or (3 if least < nodes else 0)
     most_ranks = max((n for _, n in hosts), default=gpus)  # on one node: threads are shared by its ranks
-    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT or ""), env.get("PYTHONPATH", "")) if p)
+    pythonpath = resources.pythonpath(env)
     worker_env = {
         "PYTHONUNBUFFERED": "1",  # rank output reaches the console line by line
         **({"PYTHONPATH": pythonpath} if pythonpath else {}),  # `-m workers.train` works from any working directory

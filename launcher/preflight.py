@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import sys
@@ -25,9 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from launcher import resources
 from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
-from launcher.plan import DEFAULT_MASTER_PORT, PROJECT_ROOT, parse_host
+from launcher.plan import DEFAULT_MASTER_PORT, parse_host
 from launcher.probe import SERIOUS_XIDS  # no torch import: that is inside its functions
 from launcher.probe_hosts import Host, Target, gather
 from launcher.ssh import exported_env
@@ -241,7 +241,7 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
                *(parse_hostfile(args.hostfile) if args.hostfile else [])]
     hosts = tuple(parse_host(e, args.gpus)[:2] for e in entries)  # type: ignore[arg-type]  # None: slots not known
     forwarded = exported_env(env)  # as a launch forwards them, and the checkout on the path (launcher.plan)
-    if pythonpath := os.pathsep.join(x for x in (str(PROJECT_ROOT or ""), env.get("PYTHONPATH", "")) if x):
+    if pythonpath := resources.pythonpath(env):
         forwarded["PYTHONPATH"] = pythonpath
     target = Target(hosts=hosts or ((socket.gethostname(), args.gpus),),
                     port=args.master_port or (DEFAULT_MASTER_PORT if hosts else None), python=sys.executable,

@@ -74,12 +74,25 @@ def environ_of(pid: int) -> list[bytes]:
         return []
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (field 3, the state, first); [] if the process is gone. The name is
+    cut off at its closing parenthesis: it may hold spaces and parentheses itself."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
 def started(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22); None if it is gone."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def token_pids(token: str, since: int = 0) -> list[int]:
@@ -117,9 +130,11 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
             if b"workers.train" not in cmdline or str(run_dir).encode() not in cmdline:
                 continue
             env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
+        if not (fields := stat_fields(int(proc.name))):
+            continue
+        ppid = int(fields[1])
         # torchrun sets LOCAL_RANK before exec; under mpirun/horovodrun only their own variables are in
         # the initial environment
         local = next((env[k] for k in (b"LOCAL_RANK", b"OMPI_COMM_WORLD_LOCAL_RANK", b"HOROVOD_LOCAL_RANK")

@@ -36,9 +36,7 @@ class Reaper:
 
     def __init__(self, token: str, env: Mapping[str, str]) -> None:
         read, self._write = os.pipe()  # neither end is inherited by the commands the supervisor starts later
-        # the same import path as the ranks' (plan.py): `-m launcher.reaper` works from any working directory
-        root = resources.source_root()
-        path = os.pathsep.join(p for p in (str(root or ""), env.get("PYTHONPATH", "")) if p)
+        path = resources.pythonpath(env)  # the ranks' import path: `-m launcher.reaper` from any directory
         child_env = {k: v for k, v in env.items() if k != TOKEN_VAR} | ({"PYTHONPATH": path} if path else {})
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "launcher.reaper", token,

@@ -8,6 +8,8 @@ installed. The packaged copy wins when it is there; it never is in a checkout (b
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +33,14 @@ def installed() -> bool:
 def source_root() -> Path | None:
     """The checkout ``launcher`` was imported from (``launcher/``'s parent), or None for an installed wheel."""
     return None if installed() else _package_dir().parent
+
+
+def pythonpath(env: Mapping[str, str]) -> str:
+    """PYTHONPATH for a process we start (ranks, probes, the reaper): the checkout first, so ``-m workers.train``
+    and ``-m launcher.…`` work from any working directory, then the caller's. An installed wheel needs nothing
+    (its site-packages is on the path already, and must not go ahead of the standard library)."""
+    root = source_root()
+    return os.pathsep.join(p for p in (str(root or ""), env.get("PYTHONPATH", "")) if p)
 
 
 def config_dir() -> Path:

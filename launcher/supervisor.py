@@ -20,6 +20,12 @@ from launcher.watch import Watch, describe
 
 WATCH_EVERY_S = 0.5  # how often the rank records are read
 STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
+TAIL_LINES = 20  # of the runners' output, for a failure without rank records
+
+def not_restarting(attempt: int) -> str:
+    return (f"launcher: attempt {attempt} failed before its first training step: not restarting (a restart would "
+            "fail the same way)")
+
 
 class Supervisor:
     def __init__(self, commands: list[Cmd], out: TextIO | None = None, watch: Watch | None = None,
@@ -31,8 +37,7 @@ class Supervisor:
         self.no_restart = False  # set when an attempt failed before its first step: restarting would not help
         self.ranks_killed_at: float | None = None  # after a hang: the runners get a moment to exit on their own
         self.procs: list[subprocess.Popen] = []
-        self.output: deque[str] = deque(maxlen=2000)  # enough to hold torchrun's failure report
-        self.outputs = {c.name: deque[str](maxlen=2000) for c in commands}  # the same, per command
+        self.output: deque[str] = deque(maxlen=TAIL_LINES)  # shown when no rank left a record (launcher/job.py)
         self.failed: list[Cmd] = []  # commands that failed on their own (not stopped by us), in order
         self.signals: list[int] = []
         self.deadline: float | None = None  # set once termination starts; SIGKILL after it
@@ -47,7 +52,6 @@ class Supervisor:
                 line = label.sub(cmd.relabel[1], line, count=1)
             with self._lock:
                 self.output.append(line)
-                self.outputs[cmd.name].append(line)
                 out = self._out or sys.stdout
                 out.write(f"{prefix}{line}\n")
                 out.flush()
@@ -152,12 +156,12 @@ class Supervisor:
             self.signal_ranks(signal.SIGKILL)
             self.ranks_killed_at = time.monotonic()
             return
+        if self.no_restart or self.watch.attempt >= self.restarts_left:
+            return  # no restart of the runner's own left to stop: the failure record need not be read each poll
         failure = self.watch.failure()
-        if (failure is not None and not failure["first_step_reached"] and self.watch.attempt < self.restarts_left
-                and not self.no_restart):
+        if failure is not None and not failure["first_step_reached"]:
             self.no_restart = True
-            print(f"launcher: attempt {self.watch.attempt} failed before its first training step: not restarting "
-                  "(a restart would fail the same way)", file=sys.stderr, flush=True)
+            print(not_restarting(self.watch.attempt), file=sys.stderr, flush=True)
             self._kill_all(signal.SIGKILL)
 
     def elastic_ok(self, codes: list[int | None]) -> bool:

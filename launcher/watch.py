@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.procs import alive
+
 HANG_EXIT_CODE = 124  # the launcher's exit status after a hang, as timeout(1)'s
 TRACEBACK_LINES = 30
 LOG_LINES = 15
@@ -63,14 +65,6 @@ def read_json(path: Path) -> dict | None:
     with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 class Watch:
@@ -114,7 +108,7 @@ class Watch:
             rank = self.ranks.setdefault(record["rank"], Rank(record["rank"], seen=now))
             if record != rank.record:
                 rank.record, rank.seen = record, now
-            if (rank.died_at is None and record.get("hostname") == self.host and not _alive(record["pid"])
+            if (rank.died_at is None and record.get("hostname") == self.host and not alive(record["pid"])
                     and not (self.folder() / f"rank{rank.rank}.exit.json").exists()):
                 rank.died_at = time.time()
         self._note_recovery()
@@ -172,11 +166,12 @@ class Watch:
         return False
 
     # -- failures --------------------------------------------------------------------------------
-    def _trained(self, attempt: int | None = None) -> bool:
+    def _trained(self, attempt: int | None = None, exits: dict[int, dict] | None = None) -> bool:
+        """Whether a rank of the attempt finished a step (``exits``: its exit records, when read already)."""
         attempt = self.attempt if attempt is None else attempt
         if attempt == self.attempt and any(r.record.get("steps", 0) for r in self.ranks.values()):
             return True
-        return any(e.get("trained") for e in self.exits(attempt).values())
+        return any(e.get("trained") for e in (self.exits(attempt) if exits is None else exits).values())
 
     def failure(self, attempt: int | None = None, ended: bool = False) -> dict | None:
         """The attempt's first failure, from the exit records (and the deaths without one), or its hang.
@@ -207,7 +202,7 @@ class Watch:
             "attempt": attempt, "reason": "signal" if rec.get("signal") else "exit", "rank": rank,
             "host": info.get("host"), "local_rank": info.get("local_rank"), "pid": info.get("pid"),
             "exit_code": rec["exit_code"], "signal": rec.get("signal"), "at": at,
-            "phase": info.get("phase"), "step": info.get("step"), "first_step_reached": self._trained(attempt),
+            "phase": info.get("phase"), "step": info.get("step"), "first_step_reached": self._trained(attempt, exits),
             "note": "no exit record: killed by SIGKILL (a kill -9, or the OOM killer)" if rec.get("killed") else None,
             "error_file": rec.get("error_file"), "log": log, "traceback": traceback,
             "log_tail": _log_tail(log, without_traceback=bool(traceback)),
