@@ -36,17 +36,23 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
+             batch: int, step: int) -> None:
+    """One minimal step (bench overhead also interleaves these with the trainer's: workers/testhooks.py)."""
+    idx = order[(step * batch) % (len(order) - batch):][:batch]
+    loss = F.cross_entropy(model(x[idx]), y[idx])
+    opt.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument
+    loss.backward()
+    opt.step()
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, rank: int, world: int) -> None:
     """The loop and its measurement; rank 0 prints the JSON line."""
     steps, interval, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     x, y, order = data(rank, world)
     rates, first, tick = [], None, time.perf_counter()
     for step in range(1, steps + 1):
-        idx = order[(step * batch) % (len(order) - batch):][:batch]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument
-        loss.backward()
-        opt.step()
+        one_step(model, opt, x, y, order, batch, step)
         if first is None:
             first = time.time()
         if step % interval == 0:

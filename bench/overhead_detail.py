@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from bench.common import ROOT
+from bench.common import ROOT, Stat, table
 
 PHASES = ("parse", "compose", "plan", "spawn", "ranks")  # the launcher's own start-up, then torchrun's and the ranks'
 
@@ -44,6 +47,34 @@ def profile_run(run_dir: Path, args: list[str]) -> Path:
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"profiled run failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return out
+
+
+def interleaved_run(run_dir: Path, args: list[str], log_every: int) -> dict[str, float]:
+    """One more launcher run in which a step of the bare minimal loop, on the same DDP model, precedes each of the
+    trainer's steps (workers/testhooks.py ``interleave``), every step of both timed: the two loops measured in the
+    same processes, step by step. Here single steps spread from 0.7x to 3x their median (two ranks and their
+    all-reduce threads on two cores), so medians move by ±5 % from run to run; the 25th percentile (the steps
+    the scheduler left alone) moves by about ±1 %: it is the headline, the median is reported beside it. The
+    trainer's log steps do more (the all-reduce, TensorBoard): their extra median time, spread over
+    ``log_every`` steps, is added to its per-step cost. The first ``log_every`` steps (warm-up) are left out."""
+    out = run_dir / "interleaved.json"
+    proc = subprocess.run([sys.executable, "-m", "launcher", "--run-dir", str(run_dir / "run"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "LAUNCHER_BENCH_INTERLEAVE": str(out)})
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"interleaved run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    record = json.loads(out.read_text())
+    marks, bare = record["marks"], sorted(record["bare"][log_every:])
+    took = {n: marks[n] - marks[n - 1] for n in range(log_every + 1, len(marks))}  # the trainer's step n
+    plain = sorted(t for n, t in took.items() if n % log_every)
+    extra = statistics.median(t for n, t in took.items() if n % log_every == 0) - statistics.median(plain)
+    out_: dict[str, float] = {"log_step_extra_us": extra * 1e6, "steps": len(took)}
+    for name, q in (("p25", 0.25), ("median", 0.5)):
+        trainer, minimal = plain[int(q * len(plain))] + extra / log_every, bare[int(q * len(bare))]
+        out_.update({f"trainer_step_us_{name}": trainer * 1e6, f"bare_step_us_{name}": minimal * 1e6,
+                     f"step_overhead_us_{name}": (trainer - minimal) * 1e6,
+                     f"ratio_steps_per_s_{name}": minimal / trainer})
+    return out_
 
 
 def profile_rows(path: Path, steps: int, top: int = 15) -> list[dict[str, object]]:
@@ -91,3 +122,35 @@ def _source(file: str) -> str:
         if f"/{name}/" in file:
             return name
     return "other (Python, builtins)"
+
+
+def alternating(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Every measurement once per round, the order reversed every other round (ABBA): on a machine whose load
+    drifts, the side measured first is not always the same one. Returns each measurement's values by round."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    names = list(measures)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            values[name].append(measures[name]())
+    return values
+
+
+def profile(path: Path, steps: int) -> dict[str, Any]:
+    """The profile's summary for the JSON: per step, in total, by source and by function."""
+    return {"steps": steps, "us_per_step": total_us_per_step(path, steps), "top_own_time": profile_rows(path, steps),
+            "own_us_per_step_by_source": own_time_by_source(path, steps)}
+
+
+def startup_text(split: dict[str, Stat]) -> str:
+    return ("launcher start-up to the end of the first step, by phase (median s; ranks: torchrun, the ranks, "
+            "step 1):\n" + table([(p, split[p].median, split[p].lo, split[p].hi) for p in PHASES],
+                                  ("phase", "s", "min", "max")))
+
+
+def profile_text(summary: dict[str, Any]) -> str:
+    text = (f"profile of rank 0's training loop (cProfile: {summary['steps']} steps, {summary['us_per_step']:.0f} us "
+            "a step, the profiler's own cost included): own time by source (builtins where they are called):\n")
+    text += table(list(summary["own_us_per_step_by_source"].items()), ("source", "own us/step"))
+    text += "\nmost own time by function:\n"
+    return text + table([(r["function"], r["own_us_per_step"], r["total_us_per_step"], r["calls_per_step"])
+                         for r in summary["top_own_time"]], ("function", "own us/step", "total us/step", "calls/step"))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from launcher import __doc__ as MANUAL
-from launcher import job, preflight, resume, slurm_env, slurm_submit
+from launcher import compose_cache, job, resume, slurm_env
 from launcher.backends import backend_names, get_backend
 from launcher.commands import LaunchOptions
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
@@ -230,6 +230,8 @@ def options_from_args(args: argparse.Namespace, program: list[str],
 
 def run(argv: list[str]) -> int:
     if argv[:1] == ["preflight"]:  # python -m launcher preflight [--hosts …]: launcher/preflight.py
+        from launcher import preflight  # here, like slurm_submit: a plain launch does not pay for their imports
+
         return preflight.main(argv[1:], os.environ)
     program: list[str] = []
     raw = list(argv)  # as given: a launcher started again per node (srun) gets the same words
@@ -278,7 +280,7 @@ def srun_each_node(alloc: slurm_env.Allocation, args: argparse.Namespace) -> int
 def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = None) -> int:
     """One run from parsed arguments: a sweep member too (launcher/sweep.py), with its config composed already."""
     if cfg is None and not program:
-        cfg = compose_config(args.overrides, args.config_dir)
+        cfg = compose_config(args.overrides, args.config_dir, cache=compose_cache.directory(os.environ))
         STARTUP["composed"] = time.time()
     if args.slurm:
         return slurm_job(args, program)
@@ -302,8 +304,11 @@ def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = N
     if alloc is not None:
         print(f"launcher: Slurm job {alloc.job_id}, restart count {alloc.restart_count}, node {alloc.node_rank} of "
               f"{alloc.nodes}", flush=True)
-    if args.preflight and (code := preflight.gate(plan, os.environ)):  # a failing or slow host: nothing starts
-        return code
+    if args.preflight:
+        from launcher import preflight
+
+        if code := preflight.gate(plan, os.environ):  # a failing or slow host: nothing starts
+            return code
     remote_hosts = [h for h, _ in plan.hosts if h not in ("localhost", "127.0.0.1")]
     if remote_hosts and alloc is None:  # before anything starts: every host answers over ssh (Slurm: srun)
         check_hosts(remote_hosts, config=plan.ssh_config, timeout=plan.ssh_timeout, workdir=plan.workdir,
@@ -332,6 +337,8 @@ def record_startup(run_dir: Path) -> None:
 def slurm_job(args: argparse.Namespace, program: list[str], array: str | None = None) -> int:
     """Render the matching slurm/ template for these arguments and submit it (or print it: --dry-run).
     ``array``: a sweep's ``0-N%K`` (launcher/sweep.py); the run directory is then the sweep's."""
+    from launcher import slurm_submit
+
     run_dir = run_dir_of(args)
     forwarded = [*args.overrides, *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else []),
                  *(["--config-dir", str(args.config_dir)] if args.config_dir != DEFAULT_CONFIG_DIR else []),

@@ -227,3 +227,67 @@ def test_a_changed_preset_is_still_checked_before_anything_starts(overrides: lis
     with pytest.raises(UsageError) as e:
         compose_config(overrides)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [[], ["optimizer=sgd", "schedule=linear", "trainer.max_steps=7"],
+                                       ["model=gpt", "data=synthetic_tokens", "optimizer.betas=[0.9,0.95]"],
+                                       ["mode=online", "trainer.max_steps=0", "online.source=file", "online.path=a"],
+                                       ["trainer.grad_clip=0", "ddp.bucket_cap_mb=1", "optimizer.lr=1e-5"]])
+def test_ranks_read_the_resolved_config_without_omegaconf(tmp_path: Path, overrides: list[str]) -> None:
+    """load_resolved (plain YAML, what ranks use) gives what the schema's load gives, value for value and type
+    for type; and a rank's import of the trainer pulls in neither Hydra nor OmegaConf."""
+    cfg = compose_config(overrides)
+    (tmp_path / "config.yaml").write_text(schema.to_yaml(cfg))
+    fast, checked = schema.load_resolved(tmp_path / "config.yaml"), schema.load(tmp_path / "config.yaml")
+    assert fast == checked == cfg
+    for node in ("schedule", "trainer", "ddp", "online"):
+        assert [type(v) for v in vars(getattr(fast, node)).values()] == \
+               [type(v) for v in vars(getattr(checked, node)).values()]
+    if not overrides:
+        code = "import sys, workers.train; print(sorted(m for m in ('omegaconf', 'hydra') if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]"
+
+
+# -- the compose cache (launcher/compose_cache.py) ----------------------------------------------------------------
+def test_a_cached_compose_is_the_same_config_without_hydra(tmp_path: Path) -> None:
+    overrides = ["data=synthetic", "data.batch_size=64", "optimizer=sgd", "trainer.max_steps=9"]
+    first = compose_config(overrides, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1 and compose_config(overrides, cache=tmp_path) == first
+    code = ("import sys\nfrom pathlib import Path\nfrom launcher.config import compose_config\n"
+            f"compose_config({overrides!r}, cache=Path({str(tmp_path)!r}))\n"
+            "print(sorted(m for m in ('hydra', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_what_the_compose_cache_keys_on(tmp_path: Path) -> None:
+    from launcher import compose_cache
+
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "config.yaml").write_text("defaults:\n  - base\n  - _self_\n")
+    (conf / "model" / "net.yaml").write_text("_target_: my.Net\nwidth: 4\n")
+    key = compose_cache.key(["model=net"], [conf, DEFAULT_CONFIG_DIR])
+    assert key and key != compose_cache.key(["model=net", "seed=1"], [conf, DEFAULT_CONFIG_DIR])
+    (conf / "model" / "net.yaml").write_text("_target_: my.Net\nwidth: 8\n")
+    assert compose_cache.key(["model=net"], [conf, DEFAULT_CONFIG_DIR]) not in (None, key)  # a file changed
+    assert compose_cache.key(["seed=${oc.env:SEED}"], [DEFAULT_CONFIG_DIR]) is None  # a resolver: not cached
+    assert compose_cache.key(["hydra.searchpath=[file:///x]"], [DEFAULT_CONFIG_DIR]) is None
+    (conf / "model" / "net.yaml").write_text("_target_: my.Net\nwidth: ${now:%S}\n")
+    assert compose_cache.key(["model=net"], [conf, DEFAULT_CONFIG_DIR]) is None
+    assert compose_cache.directory({"LAUNCHER_COMPOSE_CACHE": "0"}) is None
+
+
+def test_a_cache_hit_still_checks_the_users_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hard rule holds on a hit: a target that stopped importing is exit 2 before anything starts."""
+    (tmp_path / "mytask_cached.py").write_text("from torch import nn\n\n\ndef net(width: int = 4):\n"
+                                              "    return nn.Linear(64, 10)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = ["model._target_=mytask_cached.net", "model.width=3"]
+    compose_config(overrides, cache=tmp_path / "cache")
+    (tmp_path / "mytask_cached.py").write_text("def net(depth: int):\n    pass\n")
+    sys.modules.pop("mytask_cached", None)
+    with pytest.raises(UsageError, match="unexpected keyword argument 'width'"):
+        compose_config(overrides, cache=tmp_path / "cache")

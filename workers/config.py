@@ -9,7 +9,10 @@ entry of ``metrics`` — whose other keys are passed to the target (see workers/
 ``data`` and ``optimizer`` are the trainer's own (``DATA_KEYS``, ``OPTIMIZER_KEYS``) and are not passed.
 
 The launcher composes once (:func:`compose`), checks the targets (workers/task.py) and writes the
-resolved YAML into the run directory; every rank loads that file with :func:`load`.
+resolved YAML into the run directory; every rank loads that file with :func:`load_resolved`, which
+takes a few milliseconds and needs neither Hydra nor OmegaConf (whose import alone costs a rank a
+twentieth of a second before its first step): OmegaConf is imported only where a config is composed
+or checked against the schema.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+MISSING: Any = "???"  # OmegaConf's MISSING (the same literal), without importing OmegaConf
 
 
 class ConfigError(ValueError):
@@ -178,6 +181,8 @@ def kwargs(node: dict[str, Any], own: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def from_container(container: Any) -> Config:
     """Typed Config from a DictConfig/dict; raises ConfigError naming the bad key."""
+    from omegaconf import OmegaConf
+
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), container)
         cfg = OmegaConf.to_object(merged)
@@ -194,6 +199,8 @@ def from_container(container: Any) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
@@ -202,8 +209,23 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def load(path: str | Path) -> Config:
-    """Load the resolved config that the launcher wrote into the run directory."""
+    """Load a config file, checked against the schema (types included): a run directory's, to compare on resume."""
+    from omegaconf import OmegaConf
+
     return from_container(OmegaConf.load(path))
+
+
+def load_resolved(path: str | Path) -> Config:
+    """The resolved config the launcher wrote into the run directory (:func:`to_yaml` of a checked Config), as
+    the ranks read it: plain YAML into the dataclasses, whose own checks run; the types were checked when
+    the launcher composed it. Equal to :func:`load` of the same file."""
+    import yaml
+
+    with open(path) as f:
+        d = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return Config(model=d["model"], data=d["data"], loss=d["loss"], metrics=d["metrics"], optimizer=d["optimizer"],
+                  schedule=ScheduleConfig(**d["schedule"]), trainer=TrainerConfig(**d["trainer"]),
+                  ddp=DDPConfig(**d["ddp"]), online=OnlineConfig(**d["online"]), seed=d["seed"], mode=d["mode"])
 
 
 def _key(override: str) -> str:
@@ -228,6 +250,8 @@ def _shipped(raw: Any, overrides: list[str], groups: set[str]) -> set[str]:
     no interpolation, whose value comes from elsewhere (gpt's ``vocab: ${data.vocab_size}``). Choosing a preset
     (``model=gpt``, one of ``groups``) keeps it shipped. Such a node's check (workers/task.py: import, signature,
     a meta build) is known to pass; the check would import torch into the launcher for nothing."""
+    from omegaconf import OmegaConf
+
     keys = {_key(o) for o in overrides}
     if any(k.split(".")[0] == "hydra" for k in keys):  # e.g. a search path of the user's: groups may be theirs
         return set()
@@ -269,6 +293,7 @@ def compose(overrides: list[str], config_dir: Path, builtin: Path | None = None,
     shipped (see :func:`_shipped`), which the launcher need not import and check before starting."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
 
     user = _user_overrides(overrides)
     if builtin is not None and builtin.resolve() != config_dir.resolve():

@@ -12,6 +12,10 @@
                                attempt only (a restart runs on), so a test can watch the hang detection.
 ``LAUNCHER_PROFILE``           file: rank 0 runs its training loop under cProfile and writes the stats there
                                (``python -m bench overhead`` prints where a step's time goes).
+``LAUNCHER_BENCH_INTERLEAVE``  file: after every log step the ranks run as many steps of the bare minimal loop
+                               (bench/minimal_ddp.py) on the same DDP model, and rank 0 appends a JSON line
+                               with both rates, so ``python -m bench overhead`` compares the two loops in the
+                               same processes, window by window, without the noise between separate runs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ SLOW_RANK = int(os.environ["LAUNCHER_TEST_SLOW_RANK"]) if os.environ.get("LAUNCH
 SAMPLE_LOG = os.environ.get("LAUNCHER_TEST_SAMPLE_LOG") or None
 HANG = tuple(int(x) for x in os.environ.get("LAUNCHER_TEST_HANG", "").split(":") if x)
 PROFILE = os.environ.get("LAUNCHER_PROFILE") or None
+INTERLEAVE = os.environ.get("LAUNCHER_BENCH_INTERLEAVE") or None
+_bare: dict[str, Any] = {}  # the minimal loop's data and optimizer, made at its first window
 
 
 def slowed(rank: int, seconds: float) -> float:
@@ -56,3 +62,30 @@ def save_profile(profile: Any) -> None:
     if profile is not None:
         profile.disable()
         profile.dump_stats(PROFILE)
+
+
+def interleave(model: Any, rank: int, world: int, batch: int) -> None:
+    """LAUNCHER_BENCH_INTERLEAVE, at the top of every training-loop iteration: one step of bench/minimal_ddp.py's
+    loop (its data, its own Adam) on the trainer's DDP model, timed, then the iteration's start on a clock that
+    leaves the bare steps out. Every 20 iterations rank 0 rewrites the file: ``marks`` (the trainer's step n
+    took marks[n] - marks[n-1]) and ``bare`` (each bare step's seconds), for ``bench overhead`` to compare the
+    two loops' median steps, measured alternately in the same processes."""
+    start = time.perf_counter()
+    if "opt" not in _bare:
+        import torch
+
+        from bench import minimal_ddp  # a checkout's bench/, on the ranks' path (launcher/resources.py pythonpath)
+
+        x, y, order = minimal_ddp.data(rank, world)
+        _bare.update(one_step=minimal_ddp.one_step, x=x, y=y, order=order, marks=[], bare=[], excluded=0.0,
+                     opt=torch.optim.Adam(model.parameters(), lr=3e-3))
+    _bare["one_step"](model, _bare["opt"], _bare["x"], _bare["y"], _bare["order"], batch, len(_bare["bare"]) + 1)
+    _bare["bare"].append(time.perf_counter() - start)
+    _bare["opt"].zero_grad()  # the trainer's step starts without gradients, as in its own loop
+    if rank == 0 and len(_bare["bare"]) % 20 == 0:
+        import json
+
+        with open(INTERLEAVE, "w") as f:  # type: ignore[arg-type]
+            json.dump({"marks": _bare["marks"], "bare": _bare["bare"]}, f)
+    _bare["excluded"] += time.perf_counter() - start
+    _bare["marks"].append(time.perf_counter() - _bare["excluded"])

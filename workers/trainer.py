@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from workers import checkpoint as ck
 from workers import progress, rank, task, testhooks
-from workers.config import Config, to_dict, to_yaml
+from workers.config import Config, to_dict
 from workers.data.loader import TrainLoader, loader_kwargs, shard_loader, to_device
 from workers.dist import preflight
 from workers.dist.comm import Comm
@@ -132,7 +132,7 @@ class Trainer:
         self.peak = task.peak_lr(cfg, W)
         self.step = 0
         self.tokens_per_sample = 0  # targets per sample for sequence models (B, T): reported as tokens/s
-        config_hash = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+        config_hash = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
                                           "torch_version": str(torch.__version__)},
@@ -357,6 +357,8 @@ class Trainer:
         profile = testhooks.start_profile(comm.rank)
         pause_gc()
         while not t.max_steps or self.step < t.max_steps:  # max_steps=0: until the stream ends (online)
+            if testhooks.INTERLEAVE:  # bench overhead: a step of the minimal loop before each of ours, timed apart
+                testhooks.interleave(self.model, comm.rank, comm.world_size, source.batch_size)
             progress.step(self.step + 1)
             turn = source.next(self.step)
             if turn.save or turn.stop:
@@ -375,7 +377,8 @@ class Trainer:
             loss_sum, grad_norm = self.train_step(turn.batches, logging)
             if self.step == recovered_at:
                 metrics.log(recovery(self.run_dir, attempt), self.step)
-            testhooks.maybe_hang(comm.rank, self.step, attempt)
+            if testhooks.HANG:
+                testhooks.maybe_hang(comm.rank, self.step, attempt)
             last = self.step == t.max_steps
             if testhooks.SLOW_STEP_S:
                 time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_STEP_S))

@@ -35,7 +35,7 @@ class _TensorBatches(Dataset):
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(idx)
-        return tuple(t[index] for t in self.tensors)
+        return tuple(t.index_select(0, index) for t in self.tensors)
 
 
 class _Recorded(BatchSampler):
@@ -144,7 +144,7 @@ class TrainLoader:
                 index = order[first : first + self.batch_size]
                 if self.batches.handed is not None:
                     self.batches.handed.append(index.tolist())
-                batch = tuple([t[index] for t in self.tensors])
+                batch = tuple([t.index_select(0, index) for t in self.tensors])  # index_select: half of t[index]
                 yield tuple(b.pin_memory() for b in batch) if self.pin else batch
             epoch, position = epoch + 1, 0
 
