@@ -38,43 +38,38 @@ def startup_split(run_dir: Path, start: float) -> dict[str, float]:
     return {phase: b - a for phase, a, b in zip(PHASES, times, times[1:], strict=False)}
 
 
-def profile_run(run_dir: Path, args: list[str]) -> Path:
-    """One more launcher run, untimed, with rank 0's training loop under cProfile (workers/testhooks.py)."""
-    out = run_dir / "rank0.prof"
+def hooked_run(run_dir: Path, args: list[str], hook: str, name: str) -> Path:
+    """One more launcher run, untimed, with a test hook (workers/testhooks.py) that writes ``run_dir/name``."""
+    out = run_dir / name
     proc = subprocess.run([sys.executable, "-m", "launcher", "--run-dir", str(run_dir / "run"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "LAUNCHER_PROFILE": str(out)})
+                          capture_output=True, text=True, timeout=900, env={**os.environ, hook: str(out)})
     if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"profiled run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(f"the run with {hook} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return out
 
 
+def profile_run(run_dir: Path, args: list[str]) -> Path:
+    """One more launcher run with rank 0's training loop under cProfile."""
+    return hooked_run(run_dir, args, "LAUNCHER_PROFILE", "rank0.prof")
+
+
 def interleaved_run(run_dir: Path, args: list[str], log_every: int) -> dict[str, float]:
-    """One more launcher run in which a step of the bare minimal loop, on the same DDP model, precedes each of the
-    trainer's steps (workers/testhooks.py ``interleave``), every step of both timed: the two loops measured in the
-    same processes, step by step. Here single steps spread from 0.7x to 3x their median (two ranks and their
-    all-reduce threads on two cores), so medians move by ±5 % from run to run; the 25th percentile (the steps
-    the scheduler left alone) moves by about ±1 %: it is the headline, the median is reported beside it. The
-    trainer's log steps do more (the all-reduce, TensorBoard): their extra median time, spread over
-    ``log_every`` steps, is added to its per-step cost. The first ``log_every`` steps (warm-up) are left out."""
-    out = run_dir / "interleaved.json"
-    proc = subprocess.run([sys.executable, "-m", "launcher", "--run-dir", str(run_dir / "run"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "LAUNCHER_BENCH_INTERLEAVE": str(out)})
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"interleaved run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    record = json.loads(out.read_text())
-    marks, bare = record["marks"], sorted(record["bare"][log_every:])
+    """The trainer loop's own cost per step, measured where it can be resolved: one more launcher run (``args``: one
+    rank) in which a step of the bare minimal loop, on the same model, precedes each of the trainer's steps
+    (workers/testhooks.py ``interleave``), every step of both timed, so both loops meet the same machine at the
+    same moments. With one rank there is no all-reduce, whose waits on this 2-core machine spread two-rank steps
+    from 0.7x to 3x their median and leave a bias of tens of µs between the two slots of such a pair; the
+    all-reduce is the same DDP code on both sides anyway. The trainer's log steps do more (the all-reduce,
+    TensorBoard): their extra median time, spread over ``log_every`` steps, is added. The first ``log_every``
+    steps (warm-up) are left out."""
+    record = json.loads(hooked_run(run_dir, args, "LAUNCHER_BENCH_INTERLEAVE", "interleaved.json").read_text())
+    marks = record["marks"]
     took = {n: marks[n] - marks[n - 1] for n in range(log_every + 1, len(marks))}  # the trainer's step n
-    plain = sorted(t for n, t in took.items() if n % log_every)
-    extra = statistics.median(t for n, t in took.items() if n % log_every == 0) - statistics.median(plain)
-    out_: dict[str, float] = {"log_step_extra_us": extra * 1e6, "steps": len(took)}
-    for name, q in (("p25", 0.25), ("median", 0.5)):
-        trainer, minimal = plain[int(q * len(plain))] + extra / log_every, bare[int(q * len(bare))]
-        out_.update({f"trainer_step_us_{name}": trainer * 1e6, f"bare_step_us_{name}": minimal * 1e6,
-                     f"step_overhead_us_{name}": (trainer - minimal) * 1e6,
-                     f"ratio_steps_per_s_{name}": minimal / trainer})
-    return out_
+    plain = statistics.median(t for n, t in took.items() if n % log_every)
+    extra = statistics.median(t for n, t in took.items() if n % log_every == 0) - plain
+    trainer, bare = plain + extra / log_every, statistics.median(record["bare"][log_every:])
+    return {"trainer_step_us": trainer * 1e6, "bare_step_us": bare * 1e6, "step_overhead_us": (trainer - bare) * 1e6,
+            "log_step_extra_us": extra * 1e6, "steps": len(took)}
 
 
 def profile_rows(path: Path, steps: int, top: int = 15) -> list[dict[str, object]]:

@@ -11,7 +11,8 @@ from bench.__main__ import SUITES, main
 
 EXPECTED = {
     "overhead": {"samples_per_s", "time_to_first_step_s", "ratio_steps_per_s", "ratio_time_to_first_step", "goals",
-                 "step_overhead_us", "launcher_startup_s", "profile"},
+                 "step_overhead_us", "launcher_startup_s", "profile", "interleaved_one_rank",
+                 "ratio_steps_per_s_from_step_cost"},
     "backends": {"samples_per_s", "ratio_to_torchrun", "bare_samples_per_s", "ratio_to_bare", "goals"},
     "scaling": {"samples_per_s", "efficiency", "note"},
     "allreduce": {"backend", "sizes", "memcpy_GBps"},
@@ -85,6 +86,9 @@ def test_suite_runs_tiny_and_writes_json(suite: str, tmp_path: Path) -> None:
     assert EXPECTED[suite] <= record.keys()
     assert record["tiny"] is True
     assert (tmp_path / f"{suite}.png").stat().st_size > 1000
+    if suite == "overhead":  # the interleaved run timed both loops' steps after the first log window
+        same = record["interleaved_one_rank"]
+        assert same["steps"] >= 30 and same["trainer_step_us"] > 0 and same["bare_step_us"] > 0
     if suite == "allreduce":
         assert all(r["busbw_GBps"] > 0 for r in record["sizes"])
         assert record["sizes"][0]["bytes"] == 4096
