@@ -12,10 +12,10 @@
                                attempt only (a restart runs on), so a test can watch the hang detection.
 ``LAUNCHER_PROFILE``           file: rank 0 runs its training loop under cProfile and writes the stats there
                                (``python -m bench overhead`` prints where a step's time goes).
-``LAUNCHER_BENCH_INTERLEAVE``  file: after every log step the ranks run as many steps of the bare minimal loop
-                               (bench/minimal_ddp.py) on the same DDP model, and rank 0 appends a JSON line
-                               with both rates, so ``python -m bench overhead`` compares the two loops in the
-                               same processes, window by window, without the noise between separate runs.
+``LAUNCHER_BENCH_INTERLEAVE``  file: before each training step, a step of the bare minimal loop
+                               (bench/minimal_ddp.py) on the same model, both timed; rank 0 writes the times
+                               there, so ``python -m bench overhead`` compares the two loops step by step in
+                               the same process, without the noise between separate runs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SAMPLE_LOG = os.environ.get("LAUNCHER_TEST_SAMPLE_LOG") or None
 HANG = tuple(int(x) for x in os.environ.get("LAUNCHER_TEST_HANG", "").split(":") if x)
 PROFILE = os.environ.get("LAUNCHER_PROFILE") or None
 INTERLEAVE = os.environ.get("LAUNCHER_BENCH_INTERLEAVE") or None
-_bare: dict[str, Any] = {}  # the minimal loop's data and optimizer, made at its first window
+_bare: dict[str, Any] = {}  # the minimal loop's data, optimizer and step times (interleave)
 
 
 def slowed(rank: int, seconds: float) -> float:
