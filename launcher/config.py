@@ -23,9 +23,9 @@ def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR,
     name = compose_cache.key(overrides, (config_dir, DEFAULT_CONFIG_DIR)) if cache else None
     hit = compose_cache.get(cache, name) if cache and name else None
     cfg = None
-    if hit is not None:
-        with contextlib.suppress(schema.ConfigError):  # the schema changed since it was written: compose again
-            cfg, shipped = schema.from_container(hit[0]), hit[1]
+    if hit is not None:  # written from a checked Config by this schema (its file is in the key): no OmegaConf
+        with contextlib.suppress(schema.ConfigError, TypeError, KeyError):  # a damaged entry: compose again
+            cfg, shipped = schema.from_plain(hit[0]), hit[1]
     if cfg is None:
         cfg, shipped = _compose(overrides, config_dir)
         if cache and name:

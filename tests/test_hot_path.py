@@ -5,6 +5,7 @@ torch for the built-in presets. In-process and quick: the trainer runs on one ra
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -256,7 +257,7 @@ def test_a_cached_compose_is_the_same_config_without_hydra(tmp_path: Path) -> No
     assert len(list(tmp_path.glob("*.json"))) == 1 and compose_config(overrides, cache=tmp_path) == first
     code = ("import sys\nfrom pathlib import Path\nfrom launcher.config import compose_config\n"
             f"compose_config({overrides!r}, cache=Path({str(tmp_path)!r}))\n"
-            "print(sorted(m for m in ('hydra', 'torch') if m in sys.modules))")
+            "print(sorted(m for m in ('hydra', 'omegaconf', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -291,3 +292,12 @@ def test_a_cache_hit_still_checks_the_users_targets(tmp_path: Path, monkeypatch:
     sys.modules.pop("mytask_cached", None)
     with pytest.raises(UsageError, match="unexpected keyword argument 'width'"):
         compose_config(overrides, cache=tmp_path / "cache")
+
+
+def test_a_damaged_cache_entry_is_composed_again(tmp_path: Path) -> None:
+    overrides = ["data=synthetic", "trainer.max_steps=7"]
+    first = compose_config(overrides, cache=tmp_path)
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text('{"config": {"model": {}}, "shipped": []}')  # valid JSON, not a config
+    assert compose_config(overrides, cache=tmp_path) == first
+    assert json.loads(entry.read_text())["config"]["trainer"]["max_steps"] == 7  # written anew

@@ -199,9 +199,20 @@ def from_container(container: Any) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
+    """Plain block YAML (no OmegaConf: the launcher writes it on every launch), keys in the schema's order."""
+    import yaml
 
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    return yaml.dump(_plain(to_dict(cfg)), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                     default_flow_style=False, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, for the safe YAML dumper."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -222,7 +233,13 @@ def load_resolved(path: str | Path) -> Config:
     import yaml
 
     with open(path) as f:
-        d = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return from_plain(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+
+
+def from_plain(d: dict[str, Any]) -> Config:
+    """A Config from :func:`to_dict` of a checked Config (plain data: a run directory's YAML, the launcher's compose
+    cache), without OmegaConf: the dataclasses' own checks run, the types are as they were checked. A dict of
+    another shape raises TypeError or KeyError."""
     return Config(model=d["model"], data=d["data"], loss=d["loss"], metrics=d["metrics"], optimizer=d["optimizer"],
                   schedule=ScheduleConfig(**d["schedule"]), trainer=TrainerConfig(**d["trainer"]),
                   ddp=DDPConfig(**d["ddp"]), online=OnlineConfig(**d["online"]), seed=d["seed"], mode=d["mode"])
