@@ -22,6 +22,7 @@ WATCH_EVERY_S = 0.5  # how often the rank records are read
 STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
 TAIL_LINES = 20  # of the runners' output, for a failure without rank records
 
+
 def not_restarting(attempt: int) -> str:
     return (f"launcher: attempt {attempt} failed before its first training step: not restarting (a restart would "
             "fail the same way)")
