@@ -48,13 +48,14 @@ class Supervisor:
         assert proc.stdout is not None
         label = re.compile(cmd.relabel[0]) if cmd.relabel else None
         for raw in proc.stdout:
-            line = raw.rstrip("\n")
+            lines = [raw.rstrip("\n")]
             if label is not None:  # the runner's own rank tag -> the same [rankN]: on every backend
-                line = label.sub(cmd.relabel[1], line, count=1)
+                # mpirun writes its stdout and stderr into one pipe, so a tag can also come mid-line: a new line
+                lines = label.sub("\n" + cmd.relabel[1], lines[0]).removeprefix("\n").split("\n")
             with self._lock:
-                self.output.append(line)
+                self.output.extend(lines)
                 out = self._out or sys.stdout
-                out.write(f"{prefix}{line}\n")
+                out.write("".join(f"{prefix}{line}\n" for line in lines))
                 out.flush()
 
     def signal_ranks(self, sig: signal.Signals) -> None:

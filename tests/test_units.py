@@ -401,3 +401,22 @@ def test_stream_resume_on_another_world_size_skips_what_was_trained() -> None:
     start, skip = resume_point([{"index": 9, "line": 9, "shard": "", "offset": 90},
                                 {"index": 4, "line": 4, "shard": "", "offset": 40}], 1, 0)
     assert start.index == 4 and [i for i in range(4, 10) if not skip(i)] == [5, 7, 9]  # 4, 6, 8: old rank 0's
+
+
+@pytest.mark.parametrize(("backend", "tag0", "tag1"), [("mpi", "[1,0]", "[1,1]"), ("horovod", "[0]", "[1]")])
+def test_runner_rank_tags_become_rank_prefixes_even_mid_line(backend: str, tag0: str, tag1: str) -> None:
+    """The runner's stdout and stderr share the launcher's pipe, so one rank's tag can land mid-line."""
+    import io
+    import sys
+
+    from launcher.commands import Cmd, LaunchOptions
+    from launcher.plan import plan_launch
+    from launcher.supervisor import Supervisor
+
+    plan = plan_launch(LaunchOptions(run_dir=Path("/r"), backend=backend, gpus=2), device_count=0, free_port=1,
+                       cpu_count=2, python=sys.executable, env={}, is_root=False)
+    text = f"{tag0}<stdout>:step 1{tag1}<stderr>:warn\n{tag1}<stdout>:step 1\nthe runner's own line\n"
+    out = io.StringIO()
+    cmd = Cmd(argv=(sys.executable, "-c", f"print({text!r}, end='')"), relabel=plan.commands[0].relabel)
+    assert Supervisor([cmd], out=out).run() == 0
+    assert out.getvalue().splitlines() == ["[rank0]:step 1", "[rank1]:warn", "[rank1]:step 1", "the runner's own line"]

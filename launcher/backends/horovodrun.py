@@ -27,7 +27,7 @@ class HorovodBackend:
             argv += [f"--{key}", value]
         argv += [plan.python, *plan.rank_program, *(["--comm", "horovod"] if plan.builtin else [])]
         return [Cmd(argv=tuple(argv), env={**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt)}, name="horovodrun",
-                    rank_marker=plan.rank_marker, relabel=(r"^\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
+                    rank_marker=plan.rank_marker, relabel=(r"\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
 
     @staticmethod
     def log_dir(plan: LaunchPlan) -> Path:

@@ -36,7 +36,7 @@ class MpirunBackend:
             argv += ["-x", f"{key}={value}"]
         argv += [plan.python, "-m", "workers.rank", "--mpi", *plan.program]  # MPI -> torchrun's env, then run
         return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker,
-                    relabel=(r"^\[\d+,(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
+                    relabel=(r"\[\d+,(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
 
     @staticmethod
     def log_dir(plan: LaunchPlan) -> Path:
