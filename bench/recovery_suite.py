@@ -10,16 +10,17 @@ Real ``python -m launcher`` runs, 2 CPU ranks, torchrun backend, the built-in tr
    launcher saw the rank gone) to the first finished step of the restarted ranks. Once with the default
    ``--restart-backoff`` (1 s) and once with 0, so the backoff's share shows. Beside it, the timeline of the
    restart from what the run leaves behind: when the new rank processes started (/proc), when each entered
-   ``workers.rank.setup`` (the mtime of its empty ``rank<R>.stacks``, created there: imports done), the
-   backoff, rank 0's ``ranks:`` and ``resuming from step`` lines (timestamped here as the launcher relays
-   them, so up to ~0.1 s late: torchrun tails the log files) and ``first_step_at``.
+   ``workers.rank.setup`` (the mtime of its empty ``rank<R>.stacks``, created there: imports done), what
+   they waited of the backoff (it counts from the failure), rank 0's ``ranks:`` and ``resuming from step``
+   lines (timestamped here as the launcher relays them, so up to ~0.1 s late: torchrun tails the log files)
+   and ``first_step_at``.
 2. hang: ``LAUNCHER_TEST_HANG=1:3`` (rank 1 sleeps after step 3) and ``--hang-timeout 3``: seconds from the
    moment the timeout expired (the hung rank's last progress record + the timeout) to the launcher's
    ``launcher: hang:`` line on stderr (timestamped here as it arrives), and from that line to the launcher's
    exit (stacks collected, ranks killed).
 3. imports: two ``python`` processes at once (as the restarted ranks do) time ``import workers.train`` and the
-   imports the trainer does later, lazily: ``sklearn.datasets`` (the digits data) and ``torch._dynamo``
-   (torch's optimizers import it in ``add_param_group``).
+   imports the trainer does later, lazily: ``torch.utils.tensorboard`` (rank 0's summaries) and
+   ``torch._dynamo`` (torch's optimizers import it in ``add_param_group``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from bench.common import ROOT, Stat, bar_plot, interleaved, table
 from bench.data_suite import Neighbours
 from launcher.procs import alive, rank_pids, started
+from workers.rank import backoff_ends
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]
 
@@ -156,7 +158,8 @@ def kill_once(backoff: float, steps: int, timelines: list[dict[str, float]]) -> 
         setup = min(p.stat().st_mtime for p in new.glob("rank*.stacks"))  # created in setup(), then left empty
         ranks_line = run.first("out", "[rank0]:ranks:", killed)
         resume_line = run.first("out", "[rank0]:resuming from step", killed)
-        marks = [min(respawned) if respawned else None, setup, setup + backoff, ranks_line, resume_line, first]
+        waited_to = max(setup, backoff_ends(run_dir / "attempts" / "0", 1, backoff, setup))  # as the ranks wait
+        marks = [min(respawned) if respawned else None, setup, waited_to, ranks_line, resume_line, first]
         if None in marks:
             raise RuntimeError(f"incomplete restart timeline {marks}:\n{run.tail()}")
         timeline = dict(zip(PHASES, (b - a for a, b in zip([killed, *marks], marks, strict=False)), strict=True))
@@ -206,7 +209,7 @@ import json, time
 t = [time.perf_counter()]
 import workers.train
 t.append(time.perf_counter())
-import sklearn.datasets
+import torch.utils.tensorboard
 t.append(time.perf_counter())
 import torch._dynamo
 t.append(time.perf_counter())
@@ -220,7 +223,7 @@ def imports_once(parts: list[dict[str, float]]) -> float:
              for _ in range(2)]
     runs = [json.loads(p.communicate(timeout=RUN_TIMEOUT_S)[0].strip().splitlines()[-1]) for p in procs]
     slow = max(runs, key=sum)
-    parts.append(dict(zip(("workers.train", "sklearn.datasets", "torch._dynamo"), slow, strict=True)))
+    parts.append(dict(zip(("workers.train", "torch.utils.tensorboard", "torch._dynamo"), slow, strict=True)))
     return sum(slow)
 
 
@@ -266,7 +269,8 @@ def recovery(repeats: int, tiny: bool) -> Result:
         "method": "recovery_s: attempts/0/failure.json recovered_after_s (the launcher saw the rank gone -> first "
                   "step of the restart). breakdown_s, consecutive phases from the SIGKILL: respawn (-> new rank "
                   "processes start, /proc), imports (-> workers.rank.setup: rank<R>.stacks mtime), backoff "
-                  "(configured), init (-> rank 0's 'ranks:' line: config, rendezvous, task incl. data, optimizer, "
+                  "(what the ranks waited of it: the configured backoff counts from the failure, so imports that take "
+                  "longer hide it), init (-> rank 0's 'ranks:' line: config, rendezvous, task incl. data, optimizer, "
                   "pre-flight), resume (-> 'resuming from step': DDP wrap, checkpoint load), first step (-> "
                   "first_step_at); lines are timestamped on arrival here, ~0.1 s after the rank printed them "
                   "(torchrun tails its log files); launcher_detect: kill -> failure.json 'at'; fresh_launch: the "
@@ -274,8 +278,9 @@ def recovery(repeats: int, tiny: bool) -> Result:
                   "stderr - (hung rank's last progress 'at' + timeout_s). hang_breakdown_s: summary -> torchrun's "
                   "'failed (exitcode' line (stacks, SIGKILL) -> torchrun exited (/proc, polled every 50 ms) -> "
                   "the launcher's 'attempt 0 hung' report -> exit. imports_s: two interpreters at once (as the "
-                  "two restarted ranks), the slower one: import workers.train, then sklearn.datasets and "
-                  "torch._dynamo, which the trainer imports later (digits data; torch.optim's add_param_group)",
+                  "two restarted ranks), the slower one: import workers.train, then torch.utils.tensorboard "
+                  "and torch._dynamo, which the trainer imports later (rank 0's summaries; torch.optim's "
+                  "add_param_group)",
         "cpus": os.cpu_count(),
         "neighbours_cpu_share": {"max": busy, "per_measurement": neighbours.shares},
         "config": {"ranks": 2, "backend": "torchrun", "steps": steps, "checkpoint_every": 5,

@@ -77,3 +77,15 @@ def test_a_restart_waits_the_backoff(tmp_path: Path, attempt: int, waits: bool) 
     assert ("backoff" in out) == waits
     if waits:
         assert time.monotonic() - began >= 1.5
+
+
+def test_the_backoff_counts_from_the_failure_and_doubles(tmp_path: Path) -> None:
+    from workers.rank import MAX_BACKOFF_S, backoff_ends
+
+    assert backoff_ends(tmp_path, 1, 1.5, now=100.0) == 101.5  # no exit record: the whole delay from now
+    (tmp_path / "rank1.exit.json").write_text('{"at": 90.0}')
+    (tmp_path / "rank0.exit.json").write_text('{"at": 91.0}')
+    assert backoff_ends(tmp_path, 1, 1.5, now=100.0) == 91.5  # from the first failure: already over
+    assert backoff_ends(tmp_path, 3, 1.5, now=100.0) == 96.0  # doubled per restart
+    assert backoff_ends(tmp_path, 20, 1.5, now=100.0) == 90.0 + MAX_BACKOFF_S
+    assert backoff_ends(tmp_path, 1, 0.0, now=100.0) == 100.0

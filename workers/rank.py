@@ -111,13 +111,20 @@ def _is_this_host(name: str) -> bool:
 def backoff(previous: Path, attempt: int, rank: int) -> None:
     """Wait LAUNCHER_RESTART_BACKOFF_S, doubled per restart, counted from the previous attempt's failure (its
     first exit record): the restart's own start-up (imports) is part of the wait, not added to it."""
-    delay = min(float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0) * 2 ** (attempt - 1), MAX_BACKOFF_S)
-    times = [json.loads(p.read_text()).get("at", 0) for p in previous.glob("rank*.exit.json")] if delay else []
-    left = delay - (time.time() - min(times)) if times else delay
+    left = backoff_ends(previous, attempt, float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0),
+                        time.time()) - time.time()
     if left > 0:
         if rank == 0:
-            print(f"restart {attempt}: waiting {left:.1f} s more (backoff {delay:g} s from the failure)", flush=True)
+            print(f"restart {attempt}: waiting {left:.1f} s more (backoff from the failure)", flush=True)
         time.sleep(left)
+
+
+def backoff_ends(previous: Path, attempt: int, base: float, now: float) -> float:
+    """When restart ``attempt``'s backoff ends: ``base`` doubled per restart (at most MAX_BACKOFF_S) after the
+    previous attempt's first exit record, or after ``now`` where it left none."""
+    delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    times = [json.loads(p.read_text()).get("at", 0) for p in previous.glob("rank*.exit.json")] if delay else []
+    return (min(times) if times else now) + delay
 
 
 def _record_and_die(signum: int, _frame: object) -> None:
