@@ -195,7 +195,8 @@ def hang_once(steps: int, timelines: list[dict[str, float]]) -> float:
         stalled_from = _json(folder / f"rank{failure['rank']}.progress")["at"]  # the hung rank's last record
         # after the summary: stacks (SIGUSR2) and SIGKILL to the ranks, torchrun sees them die ("failed (exitcode"
         # on its output) and exits, then the launcher prints its own report and exits
-        marks = [summary, run.first("out", "failed (exitcode", summary), runner_gone,
+        # torchrun's line comes on another pipe than the summary: its arrival here is not ordered with it
+        marks = [summary, run.first("out", "failed (exitcode"), runner_gone,
                  run.first("err", "launcher: attempt 0 hung", summary), ended]
         if None in marks:
             raise RuntimeError(f"incomplete hang timeline {marks}:\n{run.tail()}")

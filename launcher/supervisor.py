@@ -14,7 +14,7 @@ from collections import deque
 from typing import TextIO
 
 from launcher.commands import Cmd
-from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, signal_ranks
+from launcher.procs import GRACE_S, TOKEN_VAR, argv_of, descendants, kill_group, signal_ranks
 from launcher.reaper import Reaper
 from launcher.watch import Watch, describe
 
@@ -37,6 +37,7 @@ class Supervisor:
         self.min_nodes = min_nodes  # elastic: the job survives nodes that fail while this many remain
         self.no_restart = False  # set when an attempt failed before its first step: restarting would not help
         self.ranks_killed_at: float | None = None  # after a hang: the runners get a moment to exit on their own
+        self.killed_ranks: set[int] = set()  # the local rank processes killed then
         self.procs: list[subprocess.Popen] = []
         self.output: deque[str] = deque(maxlen=TAIL_LINES)  # shown when no rank left a record (launcher/job.py)
         self.failed: list[Cmd] = []  # commands that failed on their own (not stopped by us), in order
@@ -68,6 +69,11 @@ class Supervisor:
                 self._send(p, f"RANKS {sig.name}")
             else:
                 signal_ranks(p.pid, cmd.rank_marker, sig)
+
+    def local_ranks(self) -> set[int]:
+        """The rank processes under the runners started here (remote ranks are their node agent's)."""
+        return {pid for p, cmd in zip(self.procs, self.commands, strict=False) if cmd.rank_marker and not cmd.remote
+                for pid in descendants(p.pid) if cmd.rank_marker in argv_of(pid)}
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGUSR1:  # checkpoint-now request (Slurm preemption warning)
@@ -155,6 +161,7 @@ class Supervisor:
             while time.monotonic() < deadline and not self.watch.stacks_written():
                 time.sleep(0.1)
             # hung ranks cannot checkpoint: kill them; the runner restarts them (torchrun, --max-restarts) or ends
+            self.killed_ranks = self.local_ranks()
             self.signal_ranks(signal.SIGKILL)
             self.ranks_killed_at = time.monotonic()
             return
@@ -176,10 +183,13 @@ class Supervisor:
             if self.watch is not None and time.monotonic() >= next_watch:
                 self._watch()
                 next_watch = time.monotonic() + WATCH_EVERY_S
+            if self.ranks_killed_at is not None and (self.local_ranks() - self.killed_ranks or (
+                    self.watch is not None and self.watch.hang is None)):
+                # the runner restarted the ranks (new rank processes; or a new attempt is being watched): their
+                # imports may take long on a slow filesystem, and the hang watch covers them from here
+                self.ranks_killed_at = None
             if self.ranks_killed_at is not None and time.monotonic() > self.ranks_killed_at + 10:
                 self._kill_all(signal.SIGKILL)  # a runner that does not notice its ranks are gone
-            if self.ranks_killed_at is not None and self.watch is not None and self.watch.hang is None:
-                self.ranks_killed_at = None  # the runner restarted the ranks: a new attempt is being watched
             codes = [p.poll() for p in self.procs]
             failed = [c for c in codes if c not in (None, 0)]
             if self.deadline is None:  # failures before we stopped anything are the job's own

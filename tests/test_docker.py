@@ -270,10 +270,13 @@ def test_stop_checkpoints_and_up_resumes(job: Job, tmp_path: Path) -> None:
     started = job.compose("up", "--no-build", "--no-color", "-d")
     assert started.returncode == 0, job.describe(started)
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not (run_dir / "checkpoints" / "step-00000300.json").exists():  # training is under way
+    while len(list((run_dir / "attempts" / "0").glob("rank*.progress"))) < 2:  # the ranks started: rendezvous done
         assert time.monotonic() < deadline, job.logs("node0")[-3000:]
         time.sleep(0.2)
     assert job.healthy_now("node1") and job.healthy_now("node0")  # both reach the rendezvous on node0
+    while not (run_dir / "checkpoints" / "step-00000300.json").exists():  # then stop, well before step 1500
+        assert time.monotonic() < deadline, job.logs("node0")[-3000:]
+        time.sleep(0.1)
 
     began = time.monotonic()
     stopped = job.compose("stop")

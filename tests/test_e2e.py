@@ -127,7 +127,7 @@ args = parser.parse_args()
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 with open(os.path.join(args.out, os.environ["RANK"]), "w") as f:
     f.write(" ".join(os.environ[k] for k in keys))
-print("wrote", os.environ["RANK"], flush=True)
+print(f"wrote {os.environ['RANK']}", flush=True)  # one write: torchrun may split a line between writes
 """
 
 

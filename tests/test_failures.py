@@ -22,9 +22,16 @@ BACKENDS = ["torchrun", pytest.param("horovod", marks=pytest.mark.horovod), pyte
 EXIT_3 = """
 import os, sys, time
 rank = int(os.environ.get("RANK") or os.environ.get("HOROVOD_RANK"))
+said = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank0.said")
 print(f"hello from {rank}", flush=True)
-if rank == 1:
-    time.sleep(1)
+if rank == 0:
+    open(said, "w").close()
+else:  # fail once rank 0 has printed, however late its interpreter started
+    for _ in range(600):
+        if os.path.exists(said):
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
     sys.exit(3)
 time.sleep(60)
 """
@@ -90,7 +97,7 @@ def test_a_hung_rank_is_named_its_stack_saved_and_the_run_stopped(tmp_path: Path
 
 def test_a_hang_under_max_restarts_restarts_and_finishes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_launcher(["--gpus", "2", "--run-dir", str(run_dir), "--hang-timeout", "4", "--max-restarts", "1",
+    proc = run_launcher(["--gpus", "2", "--run-dir", str(run_dir), "--hang-timeout", "8", "--max-restarts", "1",
                          "--restart-backoff", "0.2", "trainer.max_steps=12", "trainer.checkpoint_every=2"],
                         cwd=tmp_path, env={"LAUNCHER_TEST_HANG": "1:5"}, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -108,7 +115,7 @@ def test_a_killed_rank_is_reported_as_sigkill_and_recovery_is_measured(tmp_path:
     run_dir = tmp_path / "run"
     proc = start(run_dir, "--max-restarts", "1", "--restart-backoff", "0.1", "trainer.max_steps=40",
                  "trainer.checkpoint_every=5", env={"LAUNCHER_TEST_SLOW_STEP_S": "0.1"})
-    wait_for(lambda: (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()))
+    wait_for(lambda: list((run_dir / "checkpoints").glob("step-*.json")))  # a complete checkpoint (its manifest)
     import os
     import signal
 

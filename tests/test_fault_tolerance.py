@@ -26,9 +26,9 @@ from workers.data.sampler import ResumableSampler
 QUIET = ["trainer.log_every=50", "trainer.eval_every=100000"]
 
 
-def start_training(run_dir: Path, *args: str) -> subprocess.Popen:
+def start_training(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a 2-rank run without periodic checkpoints and return once both ranks are training."""
-    proc = start(run_dir, *QUIET, "trainer.checkpoint_every=100000", *args)
+    proc = start(run_dir, *QUIET, "trainer.checkpoint_every=100000", *args, env=env)
     wait_for(lambda: len(rank_pids(run_dir)) == 2 and (run_dir / "tb").exists())
     time.sleep(2)
     return proc
@@ -146,7 +146,9 @@ def test_resume_with_another_world_size_sees_each_sample_once(before: int, after
 def test_sigusr1_checkpoints_now_and_keeps_training(tmp_path: Path, backend: str) -> None:
     if shutil.which({"torchrun": "torchrun", "mpi": "mpirun", "horovod": "horovodrun"}[backend]) is None:
         pytest.skip(f"needs the {backend} runner: bash scripts/setup.sh --test")
-    proc = start_training(tmp_path, "--backend", backend, "trainer.max_steps=3000")
+    # 3 ms more a step: the run lasts past the signal (>= 9 s) however fast the machine
+    proc = start_training(tmp_path, "--backend", backend, "trainer.max_steps=3000",
+                          env={"LAUNCHER_TEST_SLOW_STEP_S": "0.003"})
     proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: list((tmp_path / "checkpoints").glob("step-*.json")), timeout=30)
     code, out, err = finish(proc)

@@ -96,7 +96,8 @@ def test_online_file_stream_kill_and_resume_trains_each_record_once(tmp_path: Pa
     cut_stream.touch()
     w = writer(cut_stream, lines)
     proc = online_run(cut, cut_stream, tmp_path / "cut_log", "--max-restarts", "1")
-    wait_for(lambda: list((cut / "checkpoints").glob("step-*.pt")) and len(rank_pids(cut)) == 2)
+    # the manifest (written after the .pt): the checkpoint is complete before rank 0, its writer, is killed
+    wait_for(lambda: list((cut / "checkpoints").glob("step-*.json")) and len(rank_pids(cut)) == 2)
     os.kill(rank_pids(cut)[0], signal.SIGKILL)
     code, out, err = finish(proc)
     w.join()

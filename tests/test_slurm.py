@@ -109,7 +109,8 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster: Cluster, tmp_path:
                    env=slurm_env(cluster, RUN_DIR=str(reference)), timeout=300, check=True)
 
     run_dir = tmp_path / "runs" / "preempted"
-    env = slurm_env(cluster, RUN_DIR=str(run_dir))
+    # steps slowed (the numbers stay the same): the signal must land before the run's 360 remaining steps end
+    env = slurm_env(cluster, RUN_DIR=str(run_dir), LAUNCHER_TEST_SLOW_STEP_S="0.02")
     submitted = subprocess.run(["sbatch", "--parsable", "-N2", "--ntasks-per-node=1",
                                 str(ROOT / "slurm" / "train.sbatch"), *long], cwd=tmp_path, capture_output=True,
                                text=True, env=env, timeout=60, check=True)
@@ -194,7 +195,9 @@ def test_preempted_array_task_alone_requeues_and_resumes(cluster: Cluster, tmp_p
     argv = [sys.executable, "-m", "launcher", "--slurm", "--nodes", "1", "--gpus", "1", "-m", "--run-dir",
             str(sweep_dir), "optimizer.lr=1e-3,3e-3", "trainer.max_steps=300", "trainer.log_every=1",
             "trainer.eval_every=1000", "trainer.checkpoint_every=40"]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=slurm_env(cluster), timeout=60)
+    # steps slowed (the numbers stay the same): the signal must land before the task's remaining steps end
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=slurm_env(cluster, LAUNCHER_TEST_SLOW_STEP_S="0.02"))
     assert proc.returncode == 0, proc.stderr
     array = proc.stdout.split("submitted Slurm job ")[1].split(";")[0]
     target = sweep_dir / "1-optimizer.lr=0.003"

@@ -180,7 +180,8 @@ def test_named_when_ddp_syncs_batchnorm_buffers_in_forward(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_no_straggler_without_one(tmp_path: Path) -> None:
-    out = launch(tmp_path, *RUN)
+    # every one of the 8 windows would have to be slow: a loaded machine can preempt one rank for a few
+    out = launch(tmp_path, *RUN, "trainer.straggler_windows=8")
     assert "straggler:" not in out
     ratios = tb_scalars(tmp_path)["straggler/max_ratio"]
     assert [s for s, _ in ratios] == list(range(5, 41, 5))  # logged at every log step all the same
