@@ -99,7 +99,10 @@ def test_a_hang_under_max_restarts_restarts_and_finishes(tmp_path: Path) -> None
     run_dir = tmp_path / "run"
     proc = run_launcher(["--gpus", "2", "--run-dir", str(run_dir), "--hang-timeout", "8", "--max-restarts", "1",
                          "--restart-backoff", "0.2", "trainer.max_steps=12", "trainer.checkpoint_every=2"],
-                        cwd=tmp_path, env={"LAUNCHER_TEST_HANG": "1:5"}, timeout=180)
+                        # the restarted ranks take 12 s to report in, as slow imports would: longer than the
+                        # launcher gives a runner to notice its killed ranks, which must not count against them
+                        cwd=tmp_path, env={"LAUNCHER_TEST_HANG": "1:5", "LAUNCHER_TEST_SLOW_RESTART_S": "12"},
+                        timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     failure = json.loads((run_dir / "attempts" / "0" / "failure.json").read_text())
     assert (failure["reason"], failure["rank"]) == ("hang", 1)

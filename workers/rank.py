@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from workers import progress
+from workers import progress, testhooks
 from workers.dist.env import DistEnv
 
 MAX_BACKOFF_S = 30.0
@@ -64,6 +64,8 @@ def setup() -> None:
     if _files or not run_dir:
         return
     env, attempt = DistEnv.from_env(os.environ), attempt_of(os.environ)
+    if attempt > 0 and testhooks.SLOW_RESTART_S:
+        time.sleep(testhooks.SLOW_RESTART_S)
     folder = Path(run_dir) / "attempts" / str(attempt)
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"rank{env.rank}"

@@ -5,6 +5,8 @@
 ``LAUNCHER_TEST_SLOW_STEP_S``  seconds to pause after every training step, so a test can act mid-run.
 ``LAUNCHER_TEST_SLOW_DATA_S``  seconds to pause before every micro-batch's forward, inside the rank's
                                measured local step time, as a slow input pipeline would (a straggler).
+``LAUNCHER_TEST_SLOW_RESTART_S`` seconds a restarted rank (attempt > 0) pauses before it reports in, as slow imports
+                               (a cold shared filesystem) would.
 ``LAUNCHER_TEST_SLOW_RANK``    a rank: the two pauses above apply on that rank only (unset: every rank).
 ``LAUNCHER_TEST_SAMPLE_LOG``   directory: each rank appends the dataset indices it trains on to
                                ``rank<R>.txt``, so a test can check which samples an epoch saw.
@@ -27,6 +29,7 @@ from typing import Any
 SLOW_SAVE_S = float(os.environ.get("LAUNCHER_TEST_SLOW_SAVE_S", "0") or 0)
 SLOW_STEP_S = float(os.environ.get("LAUNCHER_TEST_SLOW_STEP_S", "0") or 0)
 SLOW_DATA_S = float(os.environ.get("LAUNCHER_TEST_SLOW_DATA_S", "0") or 0)
+SLOW_RESTART_S = float(os.environ.get("LAUNCHER_TEST_SLOW_RESTART_S", "0") or 0)
 SLOW_RANK = int(os.environ["LAUNCHER_TEST_SLOW_RANK"]) if os.environ.get("LAUNCHER_TEST_SLOW_RANK") else None
 SAMPLE_LOG = os.environ.get("LAUNCHER_TEST_SAMPLE_LOG") or None
 HANG = tuple(int(x) for x in os.environ.get("LAUNCHER_TEST_HANG", "").split(":") if x)
