@@ -51,7 +51,7 @@ class Supervisor:
         for raw in proc.stdout:
             lines = [raw.rstrip("\n")]
             if label is not None:  # the runner's own rank tag -> the same [rankN]: on every backend
-                # mpirun writes its stdout and stderr into one pipe, so a tag can also come mid-line: a new line
+                # the runner's stdout and stderr share this pipe, so a tag can also come mid-line: a new line
                 lines = label.sub("\n" + cmd.relabel[1], lines[0]).removeprefix("\n").split("\n")
             with self._lock:
                 self.output.extend(lines)
