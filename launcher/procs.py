@@ -52,9 +52,13 @@ def signal_pids(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def rank_processes(pid: int, marker: str) -> list[int]:
+    """The rank processes under ``pid``, told from runners and shells by ``marker`` in their argv."""
+    return [p for p in descendants(pid) if marker in argv_of(p)]
+
+
 def signal_ranks(pid: int, marker: str, sig: int) -> None:
-    """Signal the rank processes under ``pid``, told from runners and shells by ``marker`` in their argv."""
-    signal_pids([p for p in descendants(pid) if marker in argv_of(p)], sig)
+    signal_pids(rank_processes(pid, marker), sig)
 
 
 def kill_group(pid: int, sig: int) -> None:

@@ -14,7 +14,7 @@ from collections import deque
 from typing import TextIO
 
 from launcher.commands import Cmd
-from launcher.procs import GRACE_S, TOKEN_VAR, argv_of, descendants, kill_group, signal_ranks
+from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_ranks
 from launcher.reaper import Reaper
 from launcher.watch import Watch, describe
 
@@ -73,7 +73,7 @@ class Supervisor:
     def local_ranks(self) -> set[int]:
         """The rank processes under the runners started here (remote ranks are their node agent's)."""
         return {pid for p, cmd in zip(self.procs, self.commands, strict=False) if cmd.rank_marker and not cmd.remote
-                for pid in descendants(p.pid) if cmd.rank_marker in argv_of(pid)}
+                for pid in rank_processes(p.pid, cmd.rank_marker)}
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGUSR1:  # checkpoint-now request (Slurm preemption warning)
