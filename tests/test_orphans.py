@@ -137,13 +137,16 @@ def test_reaper_kills_what_ignores_sigterm_spares_the_older_and_stops_nothing_af
     token but is older than the launcher (the shell that exported it) is spared; ``done`` stops nothing."""
     token = uuid.uuid4().hex
     stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                "time.sleep(600)"]
+                "print('ready', flush=True); time.sleep(600)"]
     env = {**os.environ, TOKEN_VAR: token}
-    older = subprocess.Popen(stubborn, env=env)
+    older = subprocess.Popen(stubborn, env=env, stdout=subprocess.DEVNULL)
     try:
         time.sleep(0.1)  # some clock ticks
         for clean in (True, False):
-            victim = subprocess.Popen(stubborn, env=env)  # started with the "launcher"
+            victim = subprocess.Popen(stubborn, env=env, stdout=subprocess.PIPE)  # started with the "launcher"
+            assert victim.stdout is not None
+            # SIGTERM must find it ignoring SIGTERM: before that line Python's own startup would die of it.
+            assert victim.stdout.readline() == b"ready\n"
             since = started(victim.pid)
             assert since is not None and since > (started(older.pid) or since)
             reaper = subprocess.Popen([sys.executable, "-m", "launcher.reaper", token, str(since)], cwd=ROOT,
@@ -157,6 +160,7 @@ def test_reaper_kills_what_ignores_sigterm_spares_the_older_and_stops_nothing_af
                 assert victim.poll() is None
                 victim.kill()
             assert victim.wait(timeout=WITHIN_S) == (-signal.SIGKILL)
+            victim.stdout.close()
             assert token_processes(token) == [older.pid]
     finally:
         older.kill()
