@@ -32,7 +32,7 @@ FALLBACK: dict[str, dict[str, str]] = {
     "checkpoint": {"ratio_async_to_sync": "<= 0.1"},
     "data": {"ratios.workers_2_to_0_1rank": ">= 1.6", "ratios.fast_path_to_plain": ">= 1.0"},
 }
-GPU_MFU_GOAL = ">= 0.45"  # lm: only against a GPU's peak (the CPU "peak" is a matmul probe)
+GPU_MFU_GOAL = ">= 0.4"  # lm: only against a GPU's peak (the CPU "peak" is a matmul probe)
 
 
 @dataclass

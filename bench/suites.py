@@ -226,7 +226,8 @@ def allreduce(repeats: int, tiny: bool) -> Result:
 
 
 def checkpoint(repeats: int, tiny: bool) -> Result:
-    """Training stall per checkpoint save, sync vs async, for >= 100 MB of state."""
+    """Training stall per checkpoint save, sync vs async, for >= 100 MB of state (on the GPU where there is one:
+    the async snapshot is then a copy to page-locked memory)."""
     import torch
 
     from workers.checkpoint import CheckpointManager
@@ -234,7 +235,9 @@ def checkpoint(repeats: int, tiny: bool) -> Result:
     from workers.dist.env import DistEnv
 
     n = 512 if tiny else 5120  # 5120^2 floats = 105 MB
-    state = {"model": {"w": torch.randn(n, n)}, "step": 0}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = {"model": {"w": torch.randn(n, n, device=device)}, "step": 0}
+    goal = 0.03 if device == "cuda" else 0.10  # a GPU snapshot is a DMA at bus speed; the CPU's a memcpy
     comm = SingleProcessComm(DistEnv())
     with tempfile.TemporaryDirectory() as d:
         managers = {mode: CheckpointManager(Path(d) / mode, comm, every=1, keep=1, meta={},
@@ -252,11 +255,11 @@ def checkpoint(repeats: int, tiny: bool) -> Result:
         stats = interleaved({m: stall(m) for m in managers}, repeats)
     size_mb = n * n * 4 / 1e6
     ratio = stats["async"].median / stats["sync"].median
-    payload = {"stall_s": {k: v.as_dict() for k, v in stats.items()}, "state_mb": size_mb,
-               "ratio_async_to_sync": ratio, "goal_ratio": 0.10, "goals": {"ratio_async_to_sync": "<= 0.1"}}
+    payload = {"stall_s": {k: v.as_dict() for k, v in stats.items()}, "state_mb": size_mb, "device": device,
+               "ratio_async_to_sync": ratio, "goal_ratio": goal, "goals": {"ratio_async_to_sync": f"<= {goal}"}}
     text = table([(k, stats[k].median * 1e3, stats[k].lo * 1e3, stats[k].hi * 1e3) for k in stats],
                  ("save", "stall ms", "min", "max"))
-    text += f"\nstate {size_mb:.0f} MB; async/sync stall ratio {ratio:.3f} (goal <= 0.10)"
+    text += f"\nstate {size_mb:.0f} MB on {device}; async/sync stall ratio {ratio:.3f} (goal <= {goal})"
     stats_ms = {k: Stat.of([x * 1e3 for x in v.runs]) for k, v in stats.items()}
     return payload, lambda p: bar_plot(p, f"checkpoint stall, {size_mb:.0f} MB state", stats_ms, "ms"), text
 
@@ -338,23 +341,28 @@ def lm(repeats: int, tiny: bool) -> Result:
             shape = {"model.layers": 12, "model.heads": 12, "model.width": 768, "data.context": 1024,
                      "data.vocab_size": 50304}
             steps, interval = 60, 10
-            # 16 x 1024 tokens per micro-step fit 40 GB in eager bf16; 4 micro-steps a step (65k tokens/rank)
-            batch = 16 if torch.cuda.get_device_properties(0).total_memory >= 40e9 else 4
+            # 16 x 1024 tokens per micro-step fit 40 GB in eager bf16, 32 fit 80 GB; 4 micro-steps a step
+            memory = torch.cuda.get_device_properties(0).total_memory
+            batch = 32 if memory >= 80e9 else 16 if memory >= 40e9 else 4
             accum = 4
             extra_args += ["data.num_samples=512", f"trainer.grad_accum_steps={accum}"]  # epochs repeat: fine
     args = ["model=gpt", "data=synthetic_tokens", *(f"{k}={v}" for k, v in shape.items()), f"data.batch_size={batch}",
             f"trainer.max_steps={steps}", f"trainer.log_every={interval}", "trainer.eval_every=1000000",
             "trainer.checkpoint_every=1000000", *extra_args]
 
-    def measure(extra: list[str]) -> Callable[[], float]:
+    waits: dict[str, list[float]] = {name: [] for name in variants}  # rank 0's share of a step spent on input
+
+    def measure(name: str, extra: list[str]) -> Callable[[], float]:
         def run() -> float:
             with tempfile.TemporaryDirectory() as d:
                 launch(Path(d), "--gpus", str(ranks), *args, *extra)
                 rates = [v for _, v, _ in scalars(Path(d), "perf/tokens_per_s")][1:]  # the first: start-up, compile
+                waits[name] += [v for _, v, _ in scalars(Path(d), "perf/data_wait_frac")][1:]
                 return sorted(rates)[len(rates) // 2]
         return run
 
-    stats = interleaved({name: measure(extra) for name, extra in variants.items()}, repeats)
+    stats = interleaved({name: measure(name, extra) for name, extra in variants.items()}, repeats)
+    data_wait = {k: sorted(v)[len(v) // 2] for k, v in waits.items() if v}
     with torch.device("meta"):  # the shape is all the count needs: no 124M weights to allocate
         model = GPT(shape["data.vocab_size"], shape["data.context"], shape["model.layers"], shape["model.heads"],
                     shape["model.width"])
@@ -365,14 +373,17 @@ def lm(repeats: int, tiny: bool) -> Result:
     mfu = {k: v.median * fpt / (peak * ranks) for k, v in stats.items()}  # tokens/s of all ranks
     fastest = max(stats, key=lambda k: stats[k].median)
     payload = {"tokens_per_s": {k: v.as_dict() for k, v in stats.items()}, "mfu": mfu, "fastest": fastest,
+               "data_wait_frac": data_wait,
                "flops_per_token": fpt, "device": device, "peak_flops_per_rank": peak, "peak_source": peak_source,
                "ranks": ranks, "precision": precision, "batch_per_rank": batch, "grad_accum_steps": accum,
                "steps": steps, "shape": shape,
-               "reference": "nanoGPT and torchtitan report about 0.40 MFU for GPT-2 small on A100/H100",
+               "reference": "nanoGPT and torchtitan report about 0.40 MFU on A100/H100",
                # an MFU goal only means something against a GPU's tensor-core peak, not the CPU probe
-               "goals": {f"mfu.{fastest}": ">= 0.45"} if cuda and not tiny else {}}
-    text = table([(k, stats[k].median, stats[k].lo, stats[k].hi, mfu[k]) for k in stats],
-                 ("setting", "tokens/s", "min", "max", "MFU"))
+               # and the loader keeps the GPU fed: waiting for input is at most 2 % of a step
+               "goals": {f"mfu.{fastest}": ">= 0.4", f"data_wait_frac.{fastest}": "<= 0.02"} if cuda and not tiny
+               else {}}
+    text = table([(k, stats[k].median, stats[k].lo, stats[k].hi, mfu[k], data_wait.get(k, float("nan")))
+                  for k in stats], ("setting", "tokens/s", "min", "max", "MFU", "data wait"))
     text += (f"\nfastest here: {fastest}; {fpt} FLOPs/token; peak per rank {peak / 1e9:.1f} GFLOP/s ({device}, "
              f"{peak_source}); {ranks} ranks, {precision}")
     return payload, lambda p: bar_plot(p, f"lm: tokens/s per setting ({device})", stats, "tokens/s"), text

@@ -62,6 +62,18 @@ class AutocastMLP(nn.Module):
         return out
 
 
+class DropoutMLP(nn.Module):
+    """input -> hidden -> classes with dropout: on the GPU its masks come from the CUDA generator, so a resumed run
+    matches an uninterrupted one only if that generator's state is checkpointed and restored."""
+
+    def __init__(self, inputs: int, hidden: int, classes: int, p: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Dropout(p), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def main(out: Path) -> None:
     import torch.distributed as dist
 
@@ -77,7 +89,11 @@ def main(out: Path) -> None:
     model = comm.wrap_model(net)
     x, y = rank_batch(comm.rank)
     F.cross_entropy(model(x.to(comm.device)), y.to(comm.device)).backward()
+    ones = torch.ones(4, device=comm.device)
+    dist.all_reduce(ones)  # a collective of its own through the backend: world_size on every element
     record = {
+        "allreduce": ones.cpu().tolist(),
+        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_"))},
         "rank": comm.rank, "world_size": comm.world_size, "local_rank": comm.local_rank,
         "env_local_rank": int(os.environ["LOCAL_RANK"]), "device": str(comm.device),
         "current_device": torch.cuda.current_device() if torch.cuda.is_available() else None,

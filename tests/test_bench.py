@@ -50,7 +50,7 @@ def test_check_flags_short_results_and_regenerates_the_readme(tmp_path: Path, ca
                                     "recovery_s": {"backoff 1 s": stat(3.0), "backoff 0 s": stat(2.0)}},
         results / "scaling.json": {"suite": "scaling", "time": "t", "efficiency": {"2 ranks": 0.3}},
         results / "gpu" / "lm.json": {"suite": "lm", "time": "t", "device": "NVIDIA H100", "fastest": "default",
-                                      "mfu": {"default": 0.4}},
+                                      "mfu": {"default": 0.35}},
     }
     records[results / "gpu" / "device.json"] = {"gpus": [{"name": "NVIDIA H100"}]}  # not a suite's result
     for path, record in records.items():

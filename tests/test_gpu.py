@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, finish, newest_checkpoint, run_launcher, start, tb_scalars
+from conftest import ROOT, assert_bitwise_equal, finish, newest_checkpoint, run_launcher, start, tb_scalars
 from gpu_probe import reference_grads
 from torch.utils.data import TensorDataset
 
@@ -29,14 +29,19 @@ GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 PROBE = ROOT / "tests" / "gpu_probe.py"
 
 
-def probe(out: Path, ranks: int, cuda: bool) -> list[dict]:
+def probe(out: Path, ranks: int, cuda: bool, env: dict[str, str] | None = None) -> list[dict]:
     """One DDP step of the probe through the launcher: on GPUs (NCCL), or hidden from CUDA (CPU ranks, gloo)."""
+    return probe_run(out, ranks, cuda, env)[0]
+
+
+def probe_run(out: Path, ranks: int, cuda: bool, env: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """:func:`probe`, and the launcher's stdout + stderr."""
     out.mkdir()
-    env = {} if cuda else {"CUDA_VISIBLE_DEVICES": ""}
+    env = {**(env or {}), **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""})}
     run_dir = out.parent / f"run_{out.name}"
     code, stdout, stderr = finish(start(run_dir, "--", str(PROBE), str(out), gpus=ranks, env=env))
     assert code == 0, f"exit {code}\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(ranks)], stdout + stderr
 
 
 def two_ranks_or_skip(ranks: int) -> None:
@@ -67,6 +72,43 @@ def test_each_rank_runs_on_gpu_local_rank(tmp_path: Path, ranks: int) -> None:
         local = r["env_local_rank"]
         assert r["local_rank"] == r["current_device"] == local, r
         assert r["device"] == r["param_device"] == f"cuda:{local}", r
+
+
+@pytest.mark.slow
+def test_nccl_env_reaches_the_ranks_and_nccl_logs_carry_the_rank_prefix(tmp_path: Path) -> None:
+    """A user's NCCL_* settings reach every rank unchanged, NCCL runs a real collective, and what NCCL itself
+    prints (from C, not Python) comes out under the launcher's [rankN]: prefix."""
+    records, output = probe_run(tmp_path / "nccl_env", 1, cuda=True, env={"NCCL_DEBUG": "INFO"})
+    (r,) = records
+    assert r["backend"] == "nccl" and r["allreduce"] == [1.0] * 4, r
+    assert r["nccl_env"].get("NCCL_DEBUG") == "INFO", r["nccl_env"]
+    nccl_lines = [ln for ln in output.splitlines() if "NCCL INFO" in ln]
+    assert nccl_lines, output[-3000:]
+    assert all(ln.startswith("[rank0]:") for ln in nccl_lines), nccl_lines[:5]
+
+
+@pytest.mark.slow
+def test_resume_on_the_gpu_equals_an_uninterrupted_run_with_dropout(tmp_path: Path) -> None:
+    """Dropout draws from the CUDA generator: a run stopped at step 20 and resumed matches one that never
+    stopped, weights bitwise, only if the checkpoint carries that generator's state (and the optimizer's
+    state loads back onto the GPU)."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)}
+    common = ["model._target_=gpu_probe.DropoutMLP", "model.inputs=64", "model.hidden=128", "model.classes=10",
+              "+model.p=0.3", "trainer.log_every=5", "trainer.eval_every=100000", "trainer.checkpoint_every=20"]
+
+    def run(name: str, steps: int) -> str:
+        code, out, err = finish(start(tmp_path / name, *common, f"trainer.max_steps={steps}", gpus=1, env=env))
+        assert code == 0, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+        return out
+
+    run("full", 40)
+    run("split", 20)
+    assert "cuda" in torch.load(newest_checkpoint(tmp_path / "split"), weights_only=True)["rng"]
+    assert "resuming from step 20" in run("split", 40)
+    full, split = (torch.load(newest_checkpoint(tmp_path / d), weights_only=True) for d in ("full", "split"))
+    assert full["rng"]["cuda"].dtype == torch.uint8
+    assert_bitwise_equal(split["model"], full["model"])
+    assert tb_scalars(tmp_path / "split")["train/loss"] == tb_scalars(tmp_path / "full")["train/loss"]
 
 
 def trains_with(tmp_path: Path, precision: str, dtype: str) -> Path:

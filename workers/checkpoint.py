@@ -139,11 +139,15 @@ def _to_cpu(obj: Any, reuse: Any = None) -> Any:
     """Deep copy with every tensor copied to CPU memory: a snapshot training can't change.
 
     ``reuse`` is the previous snapshot (already on disk): its tensors are copied into where shapes
-    match, which skips allocating (and page-faulting) hundreds of MB on every save."""
+    match, which skips allocating (and page-faulting) hundreds of MB on every save. GPU tensors go
+    to page-locked memory without blocking (a DMA at full bus speed, all queued at once); the
+    caller waits for the copies with :func:`_snapshot`."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if isinstance(reuse, torch.Tensor) and reuse.shape == t.shape and reuse.dtype == t.dtype:
-            return reuse.copy_(t)
+            return reuse.copy_(t, non_blocking=t.is_cuda and reuse.is_pinned())
+        if t.is_cuda:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
         return t.to("cpu", copy=True)
     if isinstance(obj, dict):
         reuse = reuse if isinstance(reuse, dict) else {}
@@ -152,6 +156,14 @@ def _to_cpu(obj: Any, reuse: Any = None) -> Any:
         reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
         return type(obj)(_to_cpu(v, r) for v, r in zip(obj, reuse, strict=True))
     return obj
+
+
+def _snapshot(state: dict[str, Any], reuse: Any) -> Any:
+    """:func:`_to_cpu` of the state, its GPU copies finished: the writer thread reads it while training goes on."""
+    snapshot = _to_cpu(state, reuse)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the non-blocking copies above have landed
+    return snapshot
 
 
 class CheckpointManager:
@@ -177,7 +189,7 @@ class CheckpointManager:
         if self.comm.is_main:
             self.wait()  # at most one save in flight
             if self.async_save and not (last_step or force):
-                snapshot = self._snapshot = _to_cpu(state(), self._snapshot)
+                snapshot = self._snapshot = _snapshot(state(), self._snapshot)
                 self._thread = threading.Thread(target=self._write_async, args=(step, snapshot),
                                                 name=f"checkpoint-{step}", daemon=True)
                 self._thread.start()

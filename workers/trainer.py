@@ -132,6 +132,7 @@ class Trainer:
         self.peak = task.peak_lr(cfg, W)
         self.step = 0
         self.tokens_per_sample = 0  # targets per sample for sequence models (B, T): reported as tokens/s
+        self.data_wait_s = 0.0  # time this rank waited for batches since the last log step (perf/data_wait_frac)
         config_hash = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
         self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
@@ -263,8 +264,8 @@ class Trainer:
         if state is not None:
             self.restore(state)
         comm.broadcast_state(self.model, self.optimizer)
-        random.seed(cfg.seed + comm.rank + self.step)
-        if state is None or not comm.is_main:
+        if state is None or not comm.is_main:  # rank 0 of a resumed run goes on with the generators it restored
+            random.seed(cfg.seed + comm.rank + self.step)
             torch.manual_seed(cfg.seed + comm.rank + self.step)
 
     def train_step(self, batches: Iterable[Any], logging: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -294,6 +295,7 @@ class Trainer:
             self.source.trained(outputs, targets)  # not detached here: a source that keeps them detaches
             clock = time.perf_counter()
         self.straggler.add(data_s, forward_s)
+        self.data_wait_s += data_s
         grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, logging, self.scaler)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
         self.step += 1
@@ -391,8 +393,11 @@ class Trainer:
                 loss_avg, (sums, times) = self.agree(loss_sum, source.log_values(), self.straggler.local(comm))
                 now = time.perf_counter()
                 rate = (self.step - tick_step) * samples_per_step / max(now - tick, 1e-9)
-                tick, tick_step = now, self.step
-                logged = {"train/loss": loss_avg, "lr": lr, "perf/samples_per_s": rate, **source.log(sums)}
+                window_start, tick, tick_step = tick, now, self.step
+                logged = {"train/loss": loss_avg, "lr": lr, "perf/samples_per_s": rate, **source.log(sums),
+                          # the share of the window rank 0 waited for its input: the loader keeping up is ~0
+                          "perf/data_wait_frac": self.data_wait_s / max(now - window_start, 1e-9)}
+                self.data_wait_s = 0.0
                 if self.tokens_per_sample > 0:
                     logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
