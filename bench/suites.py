@@ -341,16 +341,18 @@ def lm(repeats: int, tiny: bool) -> Result:
             shape = {"model.layers": 12, "model.heads": 12, "model.width": 768, "data.context": 1024,
                      "data.vocab_size": 50304}
             steps, interval = 60, 10
-            # 16 x 1024 tokens per micro-step fit 40 GB in eager bf16, 32 fit 80 GB; 4 micro-steps a step
+            # micro-batches of 16 x 1024 tokens fit 40 GB in eager bf16; with more memory, larger GEMMs and fewer
+            # micro-steps for the same 128k tokens a step (lm.json records the peak memory, max_memory_gb)
             memory = torch.cuda.get_device_properties(0).total_memory
-            batch = 32 if memory >= 80e9 else 16 if memory >= 40e9 else 4
-            accum = 4
+            batch, accum = (64, 2) if memory >= 120e9 else (32, 4) if memory >= 80e9 else (16, 4) if memory >= 40e9 \
+                else (4, 4)
             extra_args += ["data.num_samples=512", f"trainer.grad_accum_steps={accum}"]  # epochs repeat: fine
     args = ["model=gpt", "data=synthetic_tokens", *(f"{k}={v}" for k, v in shape.items()), f"data.batch_size={batch}",
             f"trainer.max_steps={steps}", f"trainer.log_every={interval}", "trainer.eval_every=1000000",
             "trainer.checkpoint_every=1000000", *extra_args]
 
     waits: dict[str, list[float]] = {name: [] for name in variants}  # rank 0's share of a step spent on input
+    memory_gb: dict[str, float] = {}  # rank 0's peak GPU memory
 
     def measure(name: str, extra: list[str]) -> Callable[[], float]:
         def run() -> float:
@@ -358,6 +360,8 @@ def lm(repeats: int, tiny: bool) -> Result:
                 launch(Path(d), "--gpus", str(ranks), *args, *extra)
                 rates = [v for _, v, _ in scalars(Path(d), "perf/tokens_per_s")][1:]  # the first: start-up, compile
                 waits[name] += [v for _, v, _ in scalars(Path(d), "perf/data_wait_frac")][1:]
+                if cuda:
+                    memory_gb[name] = max(v for _, v, _ in scalars(Path(d), "perf/max_memory_gb"))
                 return sorted(rates)[len(rates) // 2]
         return run
 
@@ -373,7 +377,7 @@ def lm(repeats: int, tiny: bool) -> Result:
     mfu = {k: v.median * fpt / (peak * ranks) for k, v in stats.items()}  # tokens/s of all ranks
     fastest = max(stats, key=lambda k: stats[k].median)
     payload = {"tokens_per_s": {k: v.as_dict() for k, v in stats.items()}, "mfu": mfu, "fastest": fastest,
-               "data_wait_frac": data_wait,
+               "data_wait_frac": data_wait, "max_memory_gb": memory_gb,
                "flops_per_token": fpt, "device": device, "peak_flops_per_rank": peak, "peak_source": peak_source,
                "ranks": ranks, "precision": precision, "batch_per_rank": batch, "grad_accum_steps": accum,
                "steps": steps, "shape": shape,

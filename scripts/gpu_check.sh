@@ -5,11 +5,12 @@
 #   bash scripts/setup.sh && bash scripts/gpu_check.sh
 # On a machine with no package index: put wheels of what is missing (hydra-core, omegaconf,
 # antlr4-python3-runtime) in .whl/ (or WHEELS=dir); they are installed from there, nothing is downloaded.
-# LM_REPEATS (default 3) sets the lm suite's rounds; each stage has a time limit (STAGE_TIMEOUT_S, default 900).
+# GPU_RESULTS moves the results, GPU_STAGES (e.g. "tests lm") picks stages, LM_REPEATS (default 3) sets the lm suite's rounds; each stage has a time limit (STAGE_TIMEOUT_S, default 900).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=bench/results/gpu
+OUT=${GPU_RESULTS:-bench/results/gpu}
+STAGES=" ${GPU_STAGES:-tests lm allreduce+checkpoint} "  # a subset reruns some
 WHEELS=${WHEELS:-.whl}
 LIMIT=${STAGE_TIMEOUT_S:-900}
 say() { echo "gpu_check: $*"; }
@@ -49,6 +50,7 @@ status=0
 stage() {  # stage NAME COMMAND...: run with the time limit, report, remember a failure
   local name=$1 start=$SECONDS rc=0
   shift
+  [[ $STAGES == *" $name "* ]] || return 0
   say "== $name"
   timeout --kill-after=20 "$LIMIT" "$@" || rc=$?
   say "== $name: exit $rc after $((SECONDS - start)) s"

@@ -166,7 +166,7 @@ def test_loader_pins_and_prefetches_batches_onto_the_gpu(kind: str, workers: int
         return out
 
     loader = TrainLoader(data, 16, 1, 0, 0, gpu, kw)
-    on_cpu = TrainLoader(data, 16, 1, 0, 0, torch.device("cpu"), {})
+    on_cpu = TrainLoader(data, 16, 1, 0, 0, torch.device("cpu"), loader_kwargs({}, torch.device("cpu")))
     monkeypatch.setattr(torch.Tensor, "to", spy)
     # 40 batches: across epoch boundaries (16 an epoch), each copy queued while the previous ones may be in flight
     batches = [b for b, _ in zip(loader, range(40), strict=False)]

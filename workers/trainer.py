@@ -398,6 +398,8 @@ class Trainer:
                           # the share of the window rank 0 waited for its input: the loader keeping up is ~0
                           "perf/data_wait_frac": self.data_wait_s / max(now - window_start, 1e-9)}
                 self.data_wait_s = 0.0
+                if comm.device.type == "cuda":  # the allocator's own counter: no device sync
+                    logged["perf/max_memory_gb"] = torch.cuda.max_memory_allocated(comm.device) / 1e9
                 if self.tokens_per_sample > 0:
                     logged["perf/tokens_per_s"] = rate * self.tokens_per_sample
                 if grad_norm is not None:
