@@ -88,7 +88,8 @@ def test_only_log_steps_touch_tensorboard_or_reduce(tmp_path: Path, monkeypatch:
     recorder, comm = train(tmp_path, monkeypatch, "trainer.max_steps=25", "trainer.log_every=10")
     assert {step for step, _ in recorder.calls} == {10, 20, 25}  # the last step logs too
     at_10 = [tags for step, tags in recorder.calls if step == 10]
-    assert at_10 == [["lr", "perf/data_wait_frac", "perf/samples_per_s", "train/epoch", "train/grad_norm", "train/loss"]]
+    assert at_10 == [["lr", "perf/data_wait_frac", "perf/samples_per_s", "train/epoch", "train/grad_norm",
+                      "train/loss"]]
     # one all-reduce per log step (loss + stop/save flags), the final evaluation's, nothing between
     assert comm.reduced_at == [10, 20, 25, 25]
 
