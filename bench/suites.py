@@ -341,11 +341,10 @@ def lm(repeats: int, tiny: bool) -> Result:
             shape = {"model.layers": 12, "model.heads": 12, "model.width": 768, "data.context": 1024,
                      "data.vocab_size": 50304}
             steps, interval = 60, 10
-            # micro-batches of 16 x 1024 tokens fit 40 GB in eager bf16; with more memory, larger GEMMs and fewer
-            # micro-steps for the same 128k tokens a step (lm.json records the peak memory, max_memory_gb)
+            # 4 micro-steps of 32 x 1024 tokens (128k tokens a step) take ~35 GB in eager bf16, 16 fit 40 GB. On
+            # the H200, 2 x 64 (70.6 GB) gave the same MFU with more time waiting for input (lm_micro64.json)
             memory = torch.cuda.get_device_properties(0).total_memory
-            batch, accum = (64, 2) if memory >= 120e9 else (32, 4) if memory >= 80e9 else (16, 4) if memory >= 40e9 \
-                else (4, 4)
+            batch, accum = (32, 4) if memory >= 60e9 else (16, 4) if memory >= 40e9 else (4, 4)
             extra_args += ["data.num_samples=512", f"trainer.grad_accum_steps={accum}"]  # epochs repeat: fine
     args = ["model=gpt", "data=synthetic_tokens", *(f"{k}={v}" for k, v in shape.items()), f"data.batch_size={batch}",
             f"trainer.max_steps={steps}", f"trainer.log_every={interval}", "trainer.eval_every=1000000",
