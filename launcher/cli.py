@@ -17,7 +17,7 @@ from pathlib import Path
 
 from launcher import __doc__ as MANUAL
 from launcher import compose_cache, job, resume, slurm_env
-from launcher.backends import backend_names, get_backend
+from launcher.backends import backend_names, get_backend, torchft
 from launcher.commands import LaunchOptions
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--checkpoint-timeout", type=SECONDS, default=900, help="one checkpoint save (default 900)")
     w.add_argument("--restart-backoff", type=SECONDS, default=1.0,
                    help="wait before the first restart, doubled for each next one, at most 30 (default 1)")
+    f = p.add_argument_group("training through failures (torchft; launcher/backends/torchft.py)")
+    f.add_argument("--fault-tolerant", action="store_true",
+                   help="one replica group per rank under torchft's lighthouse: when a rank dies the others go "
+                        "on training; its group restarts alone (--max-restarts each, default 3) and heals from "
+                        "a live peer")
+    f.add_argument("--lighthouse-port", type=PORT, default=29510, help="torchft lighthouse port (default 29510)")
     s = p.add_argument_group("several hosts from this one (ssh fan-out; horovodrun and mpirun ssh themselves)")
     s.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
     s.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
@@ -225,6 +231,7 @@ def options_from_args(args: argparse.Namespace, program: list[str],
         # the same on every node, however many seconds apart they start
         job_id=args.name or (alloc.job_id if alloc else "launcher"),
         workdir=Path.cwd(), ssh_config=args.ssh_config, ssh_timeout=args.ssh_timeout,
+        fault_tolerant=args.fault_tolerant, lighthouse_port=args.lighthouse_port,
     )
 
 
@@ -297,7 +304,10 @@ def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = N
     if args.dry_run:
         print("launcher: dry run, nothing started\n" + job.describe(plan))
         return 0
-    problem = get_backend(plan.backend).check_available()
+    if plan.fault_tolerant and getattr(cfg, "mode", None) == "online":
+        raise UsageError("--fault-tolerant trains in batch mode only: a stream position cannot be healed from a "
+                         "peer. HINT: drop --fault-tolerant, or mode=batch")
+    problem = get_backend(plan.backend).check_available() or (torchft.check(plan) if plan.fault_tolerant else None)
     if problem:
         raise UsageError(problem)
     alloc = slurm_env.allocation(os.environ)

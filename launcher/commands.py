@@ -21,6 +21,7 @@ class Cmd:
     rank_marker: str = ""  # an argv element only the rank processes have (their program), for SIGUSR1
     remote: bool = False  # runs on another host over ssh; stdin is its control channel (launcher.node)
     relabel: tuple[str, ...] = ()  # (regex, replacement): the runner's rank tag on a line -> "[rankN]:"
+    service: bool = False  # serves the others (torchft's lighthouse): not waited for, stopped when they end
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +50,8 @@ class LaunchOptions:
     ssh_config: Path | None = None  # ssh -F FILE for the fan-out and the reachability check
     ssh_timeout: int = 10  # seconds: ssh ConnectTimeout
     program: tuple[str, ...] = ()  # `-- script.py args` (or `-- -m module args`); () = built-in trainer
+    fault_tolerant: bool = False  # torchft: one replica group per rank, survivors go on (launcher/backends/torchft.py)
+    lighthouse_port: int = 29510  # torchft's lighthouse, on this node
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +81,8 @@ class LaunchPlan:
     forwarded_env: Mapping[str, str] = field(default_factory=dict)  # the launcher's env that remote ranks get
     tuning: Mapping[str, str] = field(default_factory=dict)  # backend-specific pass-through options
     flags: Mapping[str, bool] = field(default_factory=dict)  # as_root, oversubscribe (mpirun)
+    fault_tolerant: bool = False
+    lighthouse_port: int = 29510
     commands: tuple[Cmd, ...] = ()
 
     @property

@@ -87,8 +87,12 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
         if attempt:
             plan = replace(plan, attempt=attempt)
             plan = replace(plan, commands=tuple(backend.build_commands(plan)))
-        sup = Supervisor(list(plan.commands), watch=watch, restarts_left=runner_restarts,
-                         min_nodes=plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None)
+        # fault tolerant: each group is watched by its own torchrun and torchft's quorum (not by the hang watch,
+        # whose rank records count one attempt for the whole job); the job goes on while one group is left
+        sup = Supervisor(list(plan.commands), watch=None if plan.fault_tolerant else watch,
+                         restarts_left=runner_restarts,
+                         min_nodes=1 if plan.fault_tolerant else
+                         plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None)
         code = sup.run()
         if sup.signals:
             return code

@@ -76,8 +76,19 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
                          "cannot continue without a node")
     if least > nodes:
         raise UsageError(f"--nodes {least}:{nodes}: MIN must not exceed MAX ({nodes} host(s))")
-    # elastic: a node's loss is a restart of the others at the smaller size, so some restarts must be allowed
-    restarts = opts.max_restarts or (3 if least < nodes else 0)
+    if opts.fault_tolerant:
+        if backend.name == "mpi":
+            raise UsageError("--fault-tolerant needs --backend torchrun (torchft): MPI has no mode in which the "
+                             "other ranks go on after one fails")
+        if backend.name != "torchrun":
+            raise UsageError(f"--fault-tolerant with --backend {backend.name} is not available yet (Horovod "
+                             "Elastic: issue #24). HINT: --backend torchrun")
+        if nodes > 1 or least != nodes:
+            raise UsageError("--fault-tolerant runs on one node for now (one replica group per rank). "
+                             "HINT: drop --nodes/--hosts, or use --max-restarts across nodes")
+    # elastic: a node's loss is a restart of the others at the smaller size, so some restarts must be allowed;
+    # fault tolerant: a group that died comes back (within its own budget) while the others go on
+    restarts = opts.max_restarts or (3 if least < nodes or opts.fault_tolerant else 0)
     most_ranks = max((n for _, n in hosts), default=gpus)  # on one node: threads are shared by its ranks
     pythonpath = resources.pythonpath(env)
     worker_env = {
@@ -104,5 +115,6 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         ssh_config=opts.ssh_config, ssh_timeout=opts.ssh_timeout, forwarded_env=exported_env(env), tuning=tuning,
         flags={"as_root": is_root,
                "oversubscribe": most_ranks > cpu_count},
+        fault_tolerant=opts.fault_tolerant, lighthouse_port=opts.lighthouse_port,
     )
     return replace(plan, commands=tuple(backend.build_commands(plan)))

@@ -190,16 +190,27 @@ class Supervisor:
                 self.ranks_killed_at = None
             if self.ranks_killed_at is not None and time.monotonic() > self.ranks_killed_at + 10:
                 self._kill_all(signal.SIGKILL)  # a runner that does not notice its ranks are gone
-            codes = [p.poll() for p in self.procs]
+            # services (the lighthouse) serve the others: the job is the rest, and a service that ends early fails it
+            work = [(cmd, p.poll()) for cmd, p in zip(self.commands, self.procs, strict=True) if not cmd.service]
+            codes = [c for _, c in work]
             failed = [c for c in codes if c not in (None, 0)]
+            service_died = [cmd for cmd, p in zip(self.commands, self.procs, strict=True)
+                            if cmd.service and p.poll() is not None]
+            if service_died and self.deadline is None and not all(c is not None for c in codes):
+                print(f"launcher: {service_died[0].name} exited while the job ran: stopping it", file=sys.stderr,
+                      flush=True)
+                self.failed.append(service_died[0])
+                self._terminate()
             if self.deadline is None:  # failures before we stopped anything are the job's own
-                left = [cmd for cmd, c in zip(self.commands, codes, strict=True)
-                        if c not in (None, 0) and cmd not in self.failed]
+                left = [cmd for cmd, c in work if c not in (None, 0) and cmd not in self.failed]
                 self.failed += left
                 for cmd in left if self.elastic_ok(codes) else []:
-                    print(f"launcher: node {cmd.name} left the job; the other nodes go on without it (elastic)",
+                    kind = "group" if cmd.name.startswith("group") else "node"
+                    print(f"launcher: {kind} {cmd.name} left the job; the other {kind}s go on without it",
                           file=sys.stderr, flush=True)
             if all(c is not None for c in codes):
+                if service_died and self.failed and self.failed[0].service:
+                    return 1
                 return 0 if failed and self.elastic_ok(codes) else (failed[0] if failed else 0)
             if failed and not self.elastic_ok(codes):
                 self._terminate()  # one node failed: stop the others

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,7 +74,28 @@ class TensorBoardLogger:
             self._writer.close()
 
 
-def build_logger(is_main: bool, log_dir: Path, resume_step: int) -> MetricsLogger:
+class GatedLogger:
+    """Writes only while ``gate()`` says so: under torchft, "rank 0" is whichever group leads the quorum now."""
+
+    def __init__(self, inner: MetricsLogger, gate: Callable[[], bool]) -> None:
+        self.inner, self.gate = inner, gate
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.gate():
+            self.inner.log(metrics, step)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.gate():
+            self.inner.hparams(hparams, metrics)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def build_logger(is_main: bool, log_dir: Path, resume_step: int,
+                 gate: Callable[[], bool] | None = None) -> MetricsLogger:
+    if gate is not None:
+        return GatedLogger(TensorBoardLogger(log_dir, resume_step), gate)
     return TensorBoardLogger(log_dir, resume_step) if is_main else NullLogger()
 
 

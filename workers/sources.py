@@ -73,9 +73,16 @@ class EpochSource:
         self.agreed_at = self.window_step = self.trainer.step
         self.window_at = time.monotonic()
 
+    def restart(self) -> None:
+        """After the position changed under a running loop (a torchft heal): batches from the new position."""
+        self.data = self.trainer.batches()
+        self.agreed_at = self.window_step = self.trainer.step
+
     def next(self, step: int) -> Turn:
         trainer, asked = self.trainer, self.asked
-        if step - self.agreed_at >= self.poll_every:  # no log step for a while: a poll (a collective) of its own
+        # no log step for a while: a poll (a collective) of its own. Not under torchft, where a group that healed
+        # mid-window could not know when its peers poll, and every group must make the same collectives
+        if step - self.agreed_at >= self.poll_every and trainer.comm.name != "torchft":
             asked, self.agreed_at = trainer.signals.poll(trainer.comm), step
         self.asked = Requests()
         return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,

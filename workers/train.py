@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--comm", default="auto", choices=("auto", "ddp", "horovod"))
+    parser.add_argument("--comm", default="auto", choices=("auto", "ddp", "horovod", "torchft"))
     args = parser.parse_args(argv)
     cfg = config.load_resolved(args.run_dir / "config.yaml")  # composed and checked once, by the launcher
     comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp)

@@ -37,6 +37,7 @@ from workers.sources import STOP_SIGNAL, EpochSource
 from workers.straggler import StragglerDetector
 
 SCALER = "grad_scaler"  # checkpoint key of the fp16 GradScaler's state
+FT_STATE = "torchft"  # checkpoint key of torchft's Manager state (--fault-tolerant)
 GC_EVERY = 200  # steps between (young-generation) garbage collections while training; paused otherwise
 
 
@@ -120,7 +121,8 @@ class Trainer:
     def __init__(self, cfg: Config, comm: Comm, run_dir: Path) -> None:
         self.cfg, self.comm, self.run_dir = cfg, comm, run_dir
         t, W, dev = cfg.trainer, comm.world_size, comm.device
-        torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // comm.local_world_size))
+        ranks_here = getattr(comm, "ranks_on_node", comm.local_world_size)  # torchft: every group on this node
+        torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // ranks_here))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
         self.channels_last = t.channels_last and dev.type == "cuda"
@@ -179,6 +181,8 @@ class Trainer:
         }
         if self.scaler is not None:
             state[SCALER] = self.scaler.state_dict()
+        if self.comm.name == "torchft":  # the Manager's state: a whole-job restart resumes it from disk
+            state[FT_STATE] = self.comm.state_dict()
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -193,6 +197,20 @@ class Trainer:
             random.setstate(state[ck.RNG]["python"])
             if "cuda" in state[ck.RNG] and self.comm.device.type == "cuda":
                 torch.cuda.set_rng_state(state[ck.RNG]["cuda"], self.comm.device)
+
+    # -- torchft: the state a healing group receives from a live peer ------------------------
+    def heal_state(self) -> dict[str, Any]:
+        return {"step": self.step, ck.MODEL: self.net.state_dict(), ck.OPTIMIZER: self.optimizer.state_dict(),
+                ck.TRAIN_STATE: self.source.state_dict()}
+
+    def load_healed(self, state: dict[str, Any]) -> None:
+        """Take a live peer's state: its weights, optimizer and step, and the data position that goes with it (the
+        batches this group would have trained in the steps it missed are skipped: workers/dist/ft.py counts)."""
+        self.net.load_state_dict(state[ck.MODEL])
+        self.optimizer.load_state_dict(state[ck.OPTIMIZER])
+        self.source.load_state_dict(state[ck.TRAIN_STATE])
+        self.step = int(state["step"])
+        self.source.restart()
 
     # -- data --------------------------------------------------------------------------------
     def batches(self) -> Iterator[Any]:
@@ -264,6 +282,9 @@ class Trainer:
         if state is not None:
             self.restore(state)
         comm.broadcast_state(self.model, self.optimizer)
+        if comm.name == "torchft":  # a healing group gets this state from a live peer (workers/dist/ft.py)
+            comm.register(self.heal_state, self.load_healed)
+            comm.resume_at(self.step, state.get(FT_STATE) if state is not None else None)
         if state is None or not comm.is_main:  # rank 0 of a resumed run goes on with the generators it restored
             random.seed(cfg.seed + comm.rank + self.step)
             torch.manual_seed(cfg.seed + comm.rank + self.step)
@@ -298,7 +319,7 @@ class Trainer:
         self.data_wait_s += data_s
         grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, logging, self.scaler)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
-        self.step += 1
+        self.step = comm.committed_step(self.step + 1)  # torchft: a discarded step is not one, a heal jumps
         return loss_sum, grad_norm
 
     def agree(self, loss_sum: torch.Tensor, *parts: list[float]) -> tuple[float, list[list[float]]]:
@@ -319,6 +340,8 @@ class Trainer:
         """Rank 0: the closing line, result.json and the TensorBoard hparams of the run."""
         if self.comm.is_main:
             print(summary, flush=True)
+            if self.comm.name == "torchft":
+                print(self.comm.summary(self.source.batch_size * self.cfg.trainer.grad_accum_steps), flush=True)
             (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
 
     def checkpoint(self, last: bool = False, force: bool = False) -> float | None:
@@ -337,7 +360,9 @@ class Trainer:
         cfg, comm, t, source = self.cfg, self.comm, self.cfg.trainer, self.source
         self.prepare()
         source.start()
-        metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step)
+        # torchft: whichever group is rank 0 of the quorum at the moment writes
+        metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step, gate=getattr(comm, "writes", None))
+        comm.begin_steps()  # torchft: the first quorum (each optimizer.zero_grad() starts the next)
         self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model,  # the wrapped model
                                            hosts=[r["host"] for r in self.ranks])
 
@@ -377,6 +402,9 @@ class Trainer:
             # every reduction and every TensorBoard scalar of a step happens at log steps only
             logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
             loss_sum, grad_norm = self.train_step(turn.batches, logging)
+            if comm.name == "torchft":  # a heal in this step jumped to the peers' step: log (a collective) as they do
+                logging = self.step % t.log_every == 0 or self.step == t.max_steps
+                loss_sum = loss_sum if loss_sum is not None or not logging else torch.zeros((), device=comm.device)
             if self.step == recovered_at:
                 metrics.log(recovery(self.run_dir, attempt), self.step)
             if testhooks.HANG:
@@ -405,6 +433,8 @@ class Trainer:
                 if grad_norm is not None:
                     logged["train/grad_norm"] = grad_norm.item()
                 logged.update(self.straggler.check(comm, times))  # rank 0's scalars
+                if comm.name == "torchft":
+                    logged.update(comm.log_values(self.source.batch_size * t.grad_accum_steps))
                 metrics.log(logged, self.step)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", refresh=False)
             saved(self.checkpoint(last=last))

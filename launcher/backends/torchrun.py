@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launcher.backends import torchft
 from launcher.commands import Cmd, LaunchPlan
 from launcher.ssh import ssh_node
 
@@ -16,6 +17,8 @@ class TorchrunBackend:
     name = "torchrun"
 
     def build_commands(self, plan: LaunchPlan) -> list[Cmd]:
+        if plan.fault_tolerant:  # torchft: a lighthouse and a torchrun per replica group
+            return torchft.build_commands(plan)
         if not plan.hosts:  # this node only (one node, or one launcher per node)
             return [self.node_command(plan, plan.node_rank, plan.nproc_per_node, plan.master_addr)]
         # ssh fan-out from this node: every host runs its own torchrun, all meeting at the first host

@@ -12,8 +12,16 @@ if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dis
 
 
 def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:
-    """``kind``: auto | ddp | horovod. ``auto`` means DDP for several ranks, else a single process."""
+    """``kind``: auto | ddp | horovod | torchft. ``auto`` means DDP for several ranks, else a single process; under
+    the launcher's ``--fault-tolerant`` (TORCHFT_LIGHTHOUSE set) it means torchft."""
+    import os
+
     from workers.dist.ddp import DDPComm, SingleProcessComm
+
+    if kind == "torchft" or (kind == "auto" and "TORCHFT_LIGHTHOUSE" in os.environ):
+        from workers.dist.ft import FTComm  # lazy: torchft is needed by --fault-tolerant runs only
+
+        return FTComm(env, os.environ)
 
     if kind == "horovod":
         from workers.dist.horovod import HorovodComm  # lazy: horovod is an optional extra
@@ -23,4 +31,4 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:
         return DDPComm(env, ddp)
     if kind == "auto":
         return SingleProcessComm(env)
-    raise ValueError(f"unknown comm {kind!r}: expected auto | ddp | horovod")
+    raise ValueError(f"unknown comm {kind!r}: expected auto | ddp | horovod | torchft")
