@@ -69,6 +69,14 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
     (run_dir / "plan.json").write_text(json.dumps(record, indent=1, default=str))
 
 
+def group_watches(plan: LaunchPlan) -> dict[int, Watch]:
+    """--fault-tolerant: command index -> the watch over that replica group's records (RUN_DIR/groups/G)."""
+    if not plan.fault_tolerant:
+        return {}
+    return {i: Watch(Path(cmd.env["LAUNCHER_RUN_DIR"]), Timeouts(*plan.timeouts), world_size=1)
+            for i, cmd in enumerate(plan.commands) if not cmd.service}
+
+
 def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path | None) -> int:
     """Start the job and see it through; the exit code is the launcher's (see launcher/__init__.py)."""
     prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=fresh, history=history)
@@ -87,12 +95,13 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
         if attempt:
             plan = replace(plan, attempt=attempt)
             plan = replace(plan, commands=tuple(backend.build_commands(plan)))
-        # fault tolerant: each group is watched by its own torchrun and torchft's quorum (not by the hang watch,
-        # whose rank records count one attempt for the whole job); the job goes on while one group is left
+        # fault tolerant: each group has its own records, attempts and hang watch; the job goes on while one
+        # group is left
         sup = Supervisor(list(plan.commands), watch=None if plan.fault_tolerant else watch,
                          restarts_left=runner_restarts,
                          min_nodes=1 if plan.fault_tolerant else
-                         plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None)
+                         plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None,
+                         group_watches=group_watches(plan))
         code = sup.run()
         if sup.signals:
             return code

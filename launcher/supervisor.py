@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -11,16 +12,27 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import TextIO
 
 from launcher.commands import Cmd
-from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_ranks
+from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
 from launcher.reaper import Reaper
 from launcher.watch import Watch, describe
 
 WATCH_EVERY_S = 0.5  # how often the rank records are read
 STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
 TAIL_LINES = 20  # of the runners' output, for a failure without rank records
+
+
+def group_event(cmd: Cmd, kind: str, step: object, **facts: object) -> None:
+    """The launcher's record of a replica group's failure or hang in RUN_DIR/events.jsonl, beside the ranks' own
+    (workers/dist/ft.py): one appended line."""
+    run_dir = Path(cmd.env["LAUNCHER_RUN_DIR"]).parent.parent  # RUN_DIR/groups/G
+    record = {"time": round(time.time(), 3), "group": int(cmd.env["REPLICA_GROUP_ID"]), "rank": 0, "kind": kind,
+              "step": step, "by": "launcher", **facts}
+    with contextlib.suppress(OSError), open(run_dir / "events.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def not_restarting(attempt: int) -> str:
@@ -30,7 +42,8 @@ def not_restarting(attempt: int) -> str:
 
 class Supervisor:
     def __init__(self, commands: list[Cmd], out: TextIO | None = None, watch: Watch | None = None,
-                 restarts_left: int = 0, min_nodes: int | None = None) -> None:
+                 restarts_left: int = 0, min_nodes: int | None = None,
+                 group_watches: dict[int, Watch] | None = None) -> None:
         # None: the caller's sys.stdout at the time of writing (it may be redirected after import)
         self.commands, self._out, self.watch = commands, out, watch
         self.restarts_left = restarts_left  # that the runner itself makes (torchrun); the launcher's are its own
@@ -44,6 +57,8 @@ class Supervisor:
         self.signals: list[int] = []
         self.deadline: float | None = None  # set once termination starts; SIGKILL after it
         self._lock = threading.Lock()
+        # --fault-tolerant: a watch per replica group (command index -> its records), each group on its own
+        self.group_watches = group_watches or {}
 
     def _pump(self, proc: subprocess.Popen, cmd: Cmd, prefix: str) -> None:
         assert proc.stdout is not None
@@ -173,6 +188,34 @@ class Supervisor:
             print(not_restarting(self.watch.attempt), file=sys.stderr, flush=True)
             self._kill_all(signal.SIGKILL)
 
+    def _watch_groups(self) -> None:
+        """Fault tolerant: a group's failure is reported as its torchrun restarts it; a hung group (its rank
+        stopped, or stuck in a collective) gets its stack dumped and is killed, so its torchrun restarts it
+        alone, while torchft's quorum has already dropped it and the other groups go on."""
+        for index, watch in self.group_watches.items():
+            cmd, proc = self.commands[index], self.procs[index]
+            ended = watch.poll()
+            if ended is not None and (failure := watch.failures.get(ended)):
+                print(describe(failure, hosts=False) + f"\nlauncher: {cmd.name} restarts alone (attempt {ended + 1}); "
+                      "the other groups go on", file=sys.stderr, flush=True)
+                group_event(cmd, "failure", failure.get("step"), attempt=ended, reason=failure.get("reason"),
+                            exit_code=failure.get("exit_code"), signal=failure.get("signal"))
+            stuck = watch.stalled() if self.deadline is None and proc.poll() is None else []
+            if not stuck:
+                continue
+            print(watch.report_hang(stuck).replace("launcher: hang:", f"launcher: {cmd.name} hung:", 1),
+                  file=sys.stderr, flush=True)
+            assert watch.hang is not None
+            group_event(cmd, "hang", watch.hang.get("step"), attempt=watch.attempt, phase=watch.hang.get("phase"),
+                        stalled_s=watch.hang.get("stalled_s"), stacks=watch.hang.get("stacks"))
+            ranks = rank_processes(proc.pid, cmd.rank_marker)
+            signal_pids(ranks, signal.SIGUSR2)  # faulthandler: the stack into the group's attempts/N/rank0.stacks
+            signal_pids(ranks, signal.SIGCONT)  # a stopped rank runs its handler only once continued
+            deadline = time.monotonic() + STACKS_WAIT_S
+            while time.monotonic() < deadline and not watch.stacks_written():
+                time.sleep(0.1)
+            signal_pids(ranks, signal.SIGKILL)  # its torchrun restarts it (the group's own --max-restarts)
+
     def elastic_ok(self, codes: list[int | None]) -> bool:
         """Elastic (--nodes MIN:MAX): enough nodes are still running, or finished well, for the job to go on."""
         return self.min_nodes is not None and sum(c in (None, 0) for c in codes) >= self.min_nodes
@@ -182,6 +225,9 @@ class Supervisor:
         while True:
             if self.watch is not None and time.monotonic() >= next_watch:
                 self._watch()
+                next_watch = time.monotonic() + WATCH_EVERY_S
+            if self.group_watches and time.monotonic() >= next_watch:
+                self._watch_groups()
                 next_watch = time.monotonic() + WATCH_EVERY_S
             if self.ranks_killed_at is not None and (self.local_ranks() - self.killed_ranks or (
                     self.watch is not None and self.watch.hang is None)):

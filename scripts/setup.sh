@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the launcher and what it needs into the current Python environment.
 #   bash scripts/setup.sh          # torch, hydra, tensorboard, the project (pip install -e .)
-#   bash scripts/setup.sh --test   # + test tools, OpenMPI, mpi4py and horovod (built with the C++17 fix)
+#   bash scripts/setup.sh --test   # + test tools, torchft, OpenMPI, mpi4py and horovod (built with the C++17 fix)
 # torch: where there is no NVIDIA driver the CPU build is installed (the plain PyPI wheel is the
 # multi-GB CUDA one). Override with TORCH_SPEC / TORCH_INDEX_URL.
 set -euo pipefail

@@ -207,3 +207,24 @@ def test_launcher_killed_leaves_nothing_and_the_job_resumes_from_disk(tmp_path: 
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
     assert f"resuming from step {saved}" in out
     assert json.loads((run_dir / "result.json").read_text())["step"] == 1200
+
+
+@pytest.mark.slow
+@needs_torchft
+def test_stopped_rank_is_dropped_then_its_stack_saved_and_its_group_restarted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *FT_ARGS, "--hang-timeout", "3", gpus=2, env={**SLOW, TOKEN_VAR: "ft-stop"})
+    wait_for(lambda: checkpoint_steps(run_dir) and group_pid(run_dir, 0) and group_pid(run_dir, 1), timeout=120)
+    survivor = group_pid(run_dir, 0)
+    os.kill(group_pid(run_dir, 1), signal.SIGSTOP)  # type: ignore[arg-type]
+    wait_for(lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=120)
+    assert group_pid(run_dir, 0) == survivor
+    code, out, err = finish(proc)
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    kinds = [(e["group"], e["kind"]) for e in events(run_dir)]
+    # dropped from the quorum by the lighthouse first (missed heartbeats), then found hung by the launcher
+    assert kinds.index((0, "drop")) < kinds.index((1, "hang")) < kinds.index((1, "failure")) < kinds.index((1, "heal"))
+    assert "launcher: group1 hung: rank 0" in err and "group1 restarts alone (attempt 1)" in err
+    stacks = (run_dir / "groups" / "1" / "attempts" / "0" / "rank0.stacks").read_text()
+    assert "most recent call first" in stacks  # faulthandler ran once the rank was continued
+    assert json.loads((run_dir / "groups" / "1" / "attempts" / "0" / "failure.json").read_text())["reason"] == "hang"
