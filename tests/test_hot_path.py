@@ -76,7 +76,7 @@ def own_signal_handlers() -> Iterator[None]:
 
 def train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> tuple[Recorder, CountingComm]:
     recorder, comm = Recorder(), CountingComm()
-    monkeypatch.setattr(trainer, "build_logger", lambda *_: recorder)
+    monkeypatch.setattr(trainer, "build_logger", lambda *_, **__: recorder)
     with own_signal_handlers():
         run = trainer.Trainer(compose_config([*SMALL, *overrides]), comm, tmp_path)
         comm.trainer = run

@@ -228,3 +228,17 @@ def test_stopped_rank_is_dropped_then_its_stack_saved_and_its_group_restarted(tm
     stacks = (run_dir / "groups" / "1" / "attempts" / "0" / "rank0.stacks").read_text()
     assert "most recent call first" in stacks  # faulthandler ran once the rank was continued
     assert json.loads((run_dir / "groups" / "1" / "attempts" / "0" / "failure.json").read_text())["reason"] == "hang"
+
+
+@pytest.mark.slow
+@needs_torchft
+def test_a_users_own_torchft_program_runs_unmodified(tmp_path: Path) -> None:
+    code, out, err = finish(start(tmp_path / "run", "--fault-tolerant", "--",
+                                  str(ROOT / "examples" / "torchft" / "train_ft.py"), "--steps", "200", gpus=2))
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    for group in (0, 1):
+        line = next(ln for ln in out.splitlines() if f"group {group} done" in ln)
+        assert line.startswith(f"[group{group}] [rank0]:")
+        weight, bias = float(line.split("y = ")[1].split(" x")[0]), float(line.rsplit("+ ", 1)[1])
+        assert abs(weight - 3) < 0.1 and abs(bias + 1) < 0.1, line
+    assert "group 1/2 step 200" in out and "participants 2" in out

@@ -3,6 +3,7 @@ the mpi4py bootstrap and the pre-flight check."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dist.env` (workers/rank.py reads it)
@@ -11,17 +12,16 @@ if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dis
     from workers.dist.env import DistEnv
 
 
-def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None) -> Comm:
+def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: Mapping[str, str] | None = None) -> Comm:
     """``kind``: auto | ddp | horovod | torchft. ``auto`` means DDP for several ranks, else a single process; under
-    the launcher's ``--fault-tolerant`` (TORCHFT_LIGHTHOUSE set) it means torchft."""
-    import os
-
+    the launcher's ``--fault-tolerant`` (TORCHFT_LIGHTHOUSE in ``environ``) it means torchft."""
     from workers.dist.ddp import DDPComm, SingleProcessComm
 
-    if kind == "torchft" or (kind == "auto" and "TORCHFT_LIGHTHOUSE" in os.environ):
+    environ = environ or {}
+    if kind == "torchft" or (kind == "auto" and "TORCHFT_LIGHTHOUSE" in environ):
         from workers.dist.ft import FTComm  # lazy: torchft is needed by --fault-tolerant runs only
 
-        return FTComm(env, os.environ)
+        return FTComm(env, environ)
 
     if kind == "horovod":
         from workers.dist.horovod import HorovodComm  # lazy: horovod is an optional extra

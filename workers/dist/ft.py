@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ CONNECT_TIMEOUT_S = 30.0
 class FTComm(SingleProcessComm):
     name = "torchft"
 
-    def __init__(self, env: DistEnv, environ: dict[str, str] | os._Environ[str]) -> None:
+    def __init__(self, env: DistEnv, environ: Mapping[str, str]) -> None:
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
         self.group, self.groups = int(environ["REPLICA_GROUP_ID"]), int(environ["NUM_REPLICA_GROUPS"])
