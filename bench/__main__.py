@@ -17,10 +17,11 @@ from pathlib import Path
 
 from bench.common import RESULTS, save
 from bench.data_suite import data
+from bench.goodput_suite import goodput
 from bench.recovery_suite import recovery
 from bench.suites import SUITES
 
-SUITES = {**SUITES, "data": data, "recovery": recovery}  # bench/data_suite.py, bench/recovery_suite.py
+SUITES = {**SUITES, "data": data, "recovery": recovery, "goodput": goodput}  # bench/*_suite.py
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Usage::
     python -m launcher --nodes 2 --gpus 8 --node-rank 0 --master-addr 10.0.0.1   # run on each node
     python -m launcher --hostfile hosts.txt --gpus 8             # from one node: ssh to every host
     python -m launcher --hostfile hosts.txt --nodes 1:4          # elastic: go on without a node that dies
+    python -m launcher --gpus 2 --fault-tolerant                 # torchft: survivors train on, the failed heals
     python -m launcher --slurm --nodes 2 --gpus 8 --partition gpu --time 04:00:00   # sbatch it
     python -m launcher --gpus 2 mode=online online.source=file online.path=s.jsonl   # learn from a stream
     python -m launcher --gpus 2 -m optimizer.lr=1e-3,3e-3 model.hidden=64,128 --name s   # a sweep: 4 runs
@@ -51,6 +52,13 @@ every rank's phase and last step, all ranks' Python stacks are saved, and the ru
 restarts, under ``--max-restarts``. Restarts wait ``--restart-backoff`` (doubled each time), and an
 attempt that failed before its first training step is not restarted. A rank whose own share of the
 step stays above 1.5x the median is named as a straggler (log and TensorBoard).
+Training through failures (``--fault-tolerant``, torchrun backend, one node): torchft's lighthouse and one
+torchrun per rank, each rank a replica group with its own ``--max-restarts`` (default 3). A rank that dies or
+hangs is dropped from the per-step quorum within about a second; the other groups never stop, its group alone
+restarts, heals from a live peer's state over the network and rejoins at the peers' step. Checkpoints and
+TensorBoard come from rank 0 of the lowest-numbered live group; every restart, drop, rejoin, heal, failure
+and hang is a console line and a record in ``RUN_DIR/events.jsonl``. Ranks get REPLICA_GROUP_ID,
+NUM_REPLICA_GROUPS and TORCHFT_LIGHTHOUSE (torchft's own conventions), so a torchft program runs unmodified.
 Launching again into the same run directory resumes from its newest intact checkpoint;
 ``--no-resume`` starts at step 0 and moves the old checkpoints aside.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the launcher and what it needs into the current Python environment.
-#   bash scripts/setup.sh          # torch, hydra, tensorboard, the project (pip install -e .)
+#   bash scripts/setup.sh          # torch, hydra, tensorboard, torchft, the project (pip install -e .)
 #   bash scripts/setup.sh --test   # + test tools, torchft, OpenMPI, mpi4py and horovod (built with the C++17 fix)
 # torch: where there is no NVIDIA driver the CPU build is installed (the plain PyPI wheel is the
 # multi-GB CUDA one). Override with TORCH_SPEC / TORCH_INDEX_URL.
@@ -40,6 +40,7 @@ if [ "${1:-}" = "--test" ]; then
   "$PY" -m pip install -q -e ".[test,mpi]"
   bash scripts/install_horovod.sh
 else
-  "$PY" -m pip install -q -e .
+  # torchft (--fault-tolerant) ships wheels for Linux x86-64 only
+  if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then "$PY" -m pip install -q -e ".[ft]"; else "$PY" -m pip install -q -e .; fi
 fi
 say "done"

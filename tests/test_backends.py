@@ -103,6 +103,39 @@ def test_unmodified_horovod_script(tmp_path: Path) -> None:
     assert {p.name: p.read_text() for p in out.iterdir()} == {"rank0": "2 1", "rank1": "2 1"}
 
 
+TORCHRUN_STYLE = """
+import os, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as under torchrun
+total = torch.tensor([float(dist.get_rank())])
+dist.all_reduce(total)
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+open(os.path.join(sys.argv[1], os.environ["RANK"]), "w").write(" ".join([*(os.environ[k] for k in keys),
+                                                                         str(int(total.item()))]))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [
+    "torchrun",
+    pytest.param("mpi", marks=[pytest.mark.mpi, needs_mpi]),
+    pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod]),
+])
+def test_one_torchrun_script_runs_unmodified_under_every_backend(tmp_path: Path, backend: str) -> None:
+    """The same env contract on every backend (issue #24): a script written for torchrun, env:// rendezvous."""
+    script, out = tmp_path / "torchrun_style.py", tmp_path / "out"
+    script.write_text(TORCHRUN_STYLE)
+    out.mkdir()
+    launch(tmp_path / "run", "--backend", backend, "--", str(script), str(out))
+    written = {p.name: p.read_text().split() for p in out.iterdir()}
+    assert sorted(written) == ["0", "1"]
+    for rank, (r, local, world, local_world, addr, port, total) in written.items():
+        assert (r, local, world, local_world, total) == (rank, rank, "2", "2", "1")  # 0 + 1: a real all-reduce
+        assert addr and port.isdigit()
+    assert written["0"][4:6] == written["1"][4:6]
+
+
 def test_horovod_missing_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from launcher.backends.horovodrun import HorovodBackend
 

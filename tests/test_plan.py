@@ -227,8 +227,10 @@ def test_horovod_nodes_disagreeing_with_hosts() -> None:
 
 
 def test_horovod_script_runs_without_comm_flag() -> None:
-    argv = plan(backend="horovod", gpus=2, program=("hvd.py", "--x")).commands[0].argv
-    assert argv[-5:] == (PY, "-m", "workers.rank", "hvd.py", "--x")
+    cmd = plan(backend="horovod", gpus=2, program=("hvd.py", "--x")).commands[0]
+    # --horovod: torchrun's variables from horovodrun's, so a torchrun script runs too
+    assert cmd.argv[-6:] == (PY, "-m", "workers.rank", "--horovod", "hvd.py", "--x")
+    assert cmd.env["MASTER_ADDR"] == "127.0.0.1" and cmd.env["MASTER_PORT"].isdigit()
 
 
 # -- mpirun ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TOKEN_VAR, finish, start, tb_scalars, token_processes, wait_for
 
+from bench.goodput_suite import group_pids
 from launcher.backends import torchft as ft_backend
 from launcher.commands import LaunchOptions
 from launcher.plan import plan_launch
@@ -102,19 +103,7 @@ def test_lighthouse_port_in_use_is_exit_2_and_nothing_starts(tmp_path: Path) -> 
 # -- real runs ------------------------------------------------------------------------------------------
 def group_pid(run_dir: Path, group: int) -> int | None:
     """The live rank process of ``group`` (the trainer, not its torchrun)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            env = (proc / "environ").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if (b"workers.train" in argv and b"torch.distributed.run" not in argv and str(run_dir).encode() in argv
-                and f"REPLICA_GROUP_ID={group}".encode() in env and state != "Z"):
-            return int(proc.name)
-    return None
+    return group_pids(run_dir).get(group)
 
 
 def events(run_dir: Path) -> list[dict]:

@@ -237,8 +237,13 @@ def main(argv: list[str]) -> NoReturn:
 
         os.environ.update(torchrun_env())
         argv = argv[1:]
+    elif argv[:1] == ["--horovod"]:  # horovodrun's HOROVOD_* (or OMPI_*) -> torchrun's names
+        from workers.dist.env import torchrun_env as from_runner
+
+        os.environ.update(from_runner(os.environ))
+        argv = argv[1:]
     if not argv or argv == ["-m"]:
-        sys.exit("usage: python -m workers.rank [--mpi] (-m MODULE | SCRIPT.py) [ARGS...]")
+        sys.exit("usage: python -m workers.rank [--mpi|--horovod] (-m MODULE | SCRIPT.py) [ARGS...]")
     run(lambda: _run_program(argv), hard_exit=argv[:2] == ["-m", "workers.train"])
 
 

@@ -25,8 +25,14 @@ class HorovodBackend:
         ]
         for key, value in plan.tuning.items():
             argv += [f"--{key}", value]
-        argv += [plan.python, *plan.rank_program, *(["--comm", "horovod"] if plan.builtin else [])]
-        return [Cmd(argv=tuple(argv), env={**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt)}, name="horovodrun",
+        # a script of the user's gets torchrun's variables too (workers.rank --horovod), so one written for
+        # torchrun runs unmodified; the rendezvous address is the plan's, the same for every rank
+        program = (*plan.program, "--comm", "horovod") if plan.builtin else ("-m", "workers.rank", "--horovod",
+                                                                             *plan.program)
+        argv += [plan.python, *program]
+        env = {**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt), "MASTER_ADDR": plan.master_addr,
+               "MASTER_PORT": str(plan.master_port)}
+        return [Cmd(argv=tuple(argv), env=env, name="horovodrun",
                     rank_marker=plan.rank_marker, relabel=(r"\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
 
     @staticmethod

@@ -77,3 +77,15 @@ class DistEnv:
                     restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", _int(environ, "LAUNCHER_ATTEMPT", 0)),
                 )
         return cls()
+
+
+def torchrun_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables, from whichever runner started this process (horovodrun's ``HOROVOD_*``, mpirun's
+    ``OMPI_COMM_WORLD_*``), for the ones not set already: a script written for torchrun (``init_process_group``
+    with ``env://``) runs unmodified under every backend. MASTER_ADDR/MASTER_PORT come from the launcher's plan,
+    passed in the environment, the same for every rank."""
+    env = DistEnv.from_env(environ)
+    facts = {"RANK": env.rank, "WORLD_SIZE": env.world_size, "LOCAL_RANK": env.local_rank,
+             "LOCAL_WORLD_SIZE": env.local_world_size, "GROUP_RANK": env.node_rank,
+             "MASTER_ADDR": env.master_addr, "MASTER_PORT": env.master_port}
+    return {k: str(v) for k, v in facts.items() if k not in environ}

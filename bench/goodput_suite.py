@@ -1,0 +1,177 @@
+"""The ``goodput`` suite: training through failures, restart-all against ``--fault-tolerant`` (torchft).
+
+    python -m bench goodput [--tiny]
+
+Real ``python -m launcher`` runs of the built-in trainer, 2 CPU ranks (2 replica groups of 1 rank under
+``--fault-tolerant``), a wider MLP than the default so a step is a few milliseconds of real work. Side by side,
+each for the same wall-clock window from the launcher's start:
+
+1. ``plain``: the torchrun backend, no failure: the baseline of samples trained in the window;
+2. ``ft_no_failures``: ``--fault-tolerant``, no failure: torchft's cost per step;
+3. ``restart_all``: ``--max-restarts 20``, a failure every INTERVAL seconds (a seeded random rank; SIGKILL, the
+   middle one SIGSTOP with ``--hang-timeout 3``): every failure restarts every rank from the last checkpoint;
+4. ``fault_tolerant``: ``--fault-tolerant``, the same schedule: the other group goes on, the failed group heals.
+
+At the end of the window the launcher gets SIGTERM; its last checkpoint's step is the progress made. Samples
+trained: step x groups x batch, less (fault tolerant) the samples of the steps a group missed
+(``torchft.group_steps_missed`` in the checkpoint). Goodput: samples trained / ``plain``'s. Also: the healthy
+groups' stall per failure (events.jsonl's ``drop`` records), time to heal (a group's restart to its heal),
+steps trained twice (restart-all: each failure's step less the step it resumed from; fault tolerant: the
+healthy groups never restart, counted from events.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import ROOT, Stat, bar_plot, scalars, table
+from launcher.procs import rank_pids
+
+Result = tuple[dict[str, object], Callable[[Path], None], str]
+
+MODEL = ["model.hidden=1024", "data.batch_size=64", "trainer.max_steps=100000000", "trainer.log_every=10",
+         "trainer.checkpoint_every=100", "trainer.eval_every=100000000", "trainer.threads=1"]
+GOALS = {"goodput.fault_tolerant": ">= 0.9", "healthy_stall_s.max": "<= 1", "steps_redone.fault_tolerant": "<= 0"}
+
+
+def group_pids(run_dir: Path) -> dict[int, int]:
+    """{replica group: pid} of a ``--fault-tolerant`` run's live rank processes (the trainers, not torchrun)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"workers.train" in argv and b"torch.distributed.run" not in argv and str(run_dir).encode() in argv \
+                and state != "Z":
+            group = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"REPLICA_GROUP_ID=")), None)
+            if group is not None:
+                found[int(group)] = int(proc.name)
+    return found
+
+
+def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[tuple[float, int, int]],
+               ft: bool) -> dict[str, object]:
+    """One launcher run for ``window_s`` seconds; ``failures``: (seconds after the start, rank, signal)."""
+    start = time.monotonic()
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 -- the launcher writes it until the end
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *extra,
+                             *MODEL], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = []
+    for at, rank, sig in failures:
+        while time.monotonic() - start < at:
+            time.sleep(0.05)
+        pid = (group_pids(run_dir) if ft else rank_pids(run_dir)).get(rank)
+        if pid is not None:
+            os.kill(pid, sig)
+            done.append({"at_s": round(time.monotonic() - start, 2), "rank": rank, "signal": signal.Signals(sig).name})
+    while time.monotonic() - start < window_s:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # stop: the ranks checkpoint where they are and exit
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+    import torch
+
+    steps = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    state = torch.load(steps[-1], weights_only=True) if steps else {}
+    step = int(state.get("train_state", {}).get("step", 0))
+    missed = int(state.get("torchft", {}).get("group_steps_missed", 0))
+    rates = [v for _, v, _ in scalars(run_dir, "perf/samples_per_s")][1:] if (run_dir / "tb").exists() else []
+    failure_steps = []  # restart-all: the step each attempt failed at (the launcher's failure records)
+    for folder in sorted((run_dir / "attempts").glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1):
+        record = folder / "failure.json"
+        if record.exists() and (at := json.loads(record.read_text()).get("step")) is not None:
+            failure_steps.append(int(at))
+    return {"step": step, "group_steps_missed": missed, "failure_steps": failure_steps,
+            "samples": (step * 2 - missed) * 64, "failures": done,
+            "samples_per_s_median": statistics.median(rates) if rates else None,
+            "output": (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")}
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def time_to_heal(records: list[dict]) -> list[float]:
+    """Seconds from each group restart (its rank's first record) to that group's next heal."""
+    out = []
+    for r in (e for e in records if e["kind"] == "restart"):
+        later = [h["time"] for h in records
+                 if h["kind"] == "heal" and h["group"] == r["group"] and h["time"] > r["time"]]
+        if later:
+            out.append(round(min(later) - r["time"], 3))
+    return out
+
+
+def goodput(repeats: int, tiny: bool) -> Result:
+    window, interval = (45.0, 12.0) if tiny else (150.0, 20.0)
+    rng = random.Random(0)
+    times = [interval * (i + 1) for i in range(int(window // interval) - 1)]
+    schedule = [(t, rng.randrange(2), signal.SIGSTOP if i == len(times) // 2 else signal.SIGKILL)
+                for i, t in enumerate(times)]
+    runs = {"plain": ([], [], False), "ft_no_failures": (["--fault-tolerant"], [], True),
+            "restart_all": (["--max-restarts", "20", "--hang-timeout", "3"], schedule, False),
+            "fault_tolerant": (["--fault-tolerant", "--hang-timeout", "3"], schedule, True)}
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, (extra, failures, ft) in runs.items():
+            print(f"goodput: {name} ({window:g} s)", flush=True)
+            run_dir = Path(d) / name
+            results[name] = run_window(run_dir, extra, window, failures, ft)
+            results[name]["events"] = events(run_dir)
+    base = results["plain"]["samples"] or 1
+    ft_events = results["fault_tolerant"]["events"]
+    stalls = [e["stall_s"] for e in ft_events if e["kind"] == "drop"]
+    restarts = [e for e in ft_events if e["kind"] == "restart"]
+    heal_s = time_to_heal(ft_events)
+    # restart-all: every rank trains again the steps between the checkpoint it resumed from and the failure
+    out = results["restart_all"]["output"]
+    resumed = [int(m) for m in re.findall(r"\[rank0\]:resuming from step (\d+)", out)]
+    failed = results["restart_all"]["failure_steps"]
+    redone_all = sum(max(0, f - r) for f, r in zip(failed, resumed, strict=False))
+    victims = {f["rank"] for f in results["fault_tolerant"]["failures"]}
+    healthy_restarts = sum(1 for e in restarts if e["group"] not in victims)
+    payload = {
+        "window_s": window, "interval_s": interval,
+        "schedule": [{"at_s": t, "rank": r, "signal": signal.Signals(s).name} for t, r, s in schedule],
+        "samples": {k: v["samples"] for k, v in results.items()},
+        "goodput": {k: v["samples"] / base for k, v in results.items()},
+        "ft_cost_per_step": (results["ft_no_failures"]["samples_per_s_median"] or 0)
+        / (results["plain"]["samples_per_s_median"] or 1),
+        "healthy_stall_s": Stat.of(stalls).as_dict() if stalls else None,
+        "time_to_heal_s": Stat.of(heal_s).as_dict() if heal_s else None,
+        "steps_redone": {"restart_all": redone_all, "fault_tolerant": healthy_restarts},
+        "restart_all_failed_at": failed, "restart_all_resumed_from": resumed,
+        "failures": {k: v["failures"] for k, v in results.items()},
+        "events": ft_events,
+        "goals": GOALS,
+    }
+    rows = [(k, v["step"], v["samples"], v["samples"] / base) for k, v in results.items()]
+    text = table(rows, ("run", "last step", "samples", "goodput"))
+    text += (f"\nhealthy stall per failure (fault tolerant): {stalls}; time to heal: {[round(x, 2) for x in heal_s]}"
+             f"\nsteps redone: restart-all {redone_all}, fault tolerant (healthy group restarts) {healthy_restarts}"
+             f"\ntorchft cost per step, no failures: {payload['ft_cost_per_step']:.3f} of plain torchrun's samples/s")
+    stats = {k: Stat.of([v["samples"] / base]) for k, v in results.items()}
+    return payload, lambda p: bar_plot(p, f"goodput over {window:g} s, a failure every {interval:g} s", stats,
+                                       "samples / plain's"), text
