@@ -294,6 +294,11 @@ class Trainer:
         at a log step; else the loss is None (nothing accumulated or allocated for it) and so is the norm, unless
         clipping computed it anyway."""
         comm, model, accum = self.comm, self.model, self.cfg.trainer.grad_accum_steps
+        if comm.name == "torchft":
+            # torchft's zero_grad starts this step's quorum (in the background, during the forward pass). Here, not
+            # after the last step: a log step's all-reduce must stay in the quorum of the step it belongs to, which
+            # a group that heals joins at a step's start
+            self.optimizer.zero_grad()
         loss_sum = None
         data_s, forward_s, clock = 0.0, 0.0, time.perf_counter()  # this rank's own share of the step (straggler)
         for micro, batch in enumerate(batches):  # waits for the batch (on the device): data_s
@@ -318,7 +323,8 @@ class Trainer:
         self.straggler.add(data_s, forward_s)
         self.data_wait_s += data_s
         grad_norm = comm.clip_and_step(self.optimizer, model, self.cfg.trainer.grad_clip, logging, self.scaler)
-        self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
+        if comm.name != "torchft":
+            self.optimizer.zero_grad()  # set_to_none by default (Horovod's optimizer takes no argument)
         self.step = comm.committed_step(self.step + 1)  # torchft: a discarded step is not one, a heal jumps
         return loss_sum, grad_norm
 
@@ -362,7 +368,6 @@ class Trainer:
         source.start()
         # torchft: whichever group is rank 0 of the quorum at the moment writes
         metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step, gate=getattr(comm, "writes", None))
-        comm.begin_steps()  # torchft: the first quorum (each optimizer.zero_grad() starts the next)
         self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model,  # the wrapped model
                                            hosts=[r["host"] for r in self.ranks])
 

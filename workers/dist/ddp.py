@@ -44,9 +44,6 @@ class SingleProcessComm:
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def begin_steps(self) -> None:
-        """Just before the first training step (torchft starts its first quorum here)."""
-
     def committed_step(self, step: int) -> int:
         """The step count after an optimizer step: ``step`` itself, except under torchft (workers/dist/ft.py)."""
         return step

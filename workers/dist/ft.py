@@ -3,8 +3,8 @@ is formed every step, a group that died and came back heals from a live peer's s
 
 torchft's pieces do the work: :class:`torchft.Manager` (quorum, healing through its HTTP checkpoint transport,
 commit or discard of each step), its ``DistributedDataParallel`` (gradients averaged over the live groups) and its
-``Optimizer`` wrapper (the step is applied only when every participant's all-reduce succeeded; ``zero_grad``
-starts the next quorum, which runs in the background while the forward pass does). What this adds: the trainer's
+``Optimizer`` wrapper (the step is applied only when every participant's all-reduce succeeded; ``zero_grad``,
+at a step's start, starts its quorum, which runs in the background while the forward pass does). What this adds: the trainer's
 state as the Manager's state dict, "rank 0" that moves with the quorum, and one line plus one
 ``RUN_DIR/events.jsonl`` record per drop, rejoin, restart and heal.
 """
@@ -100,9 +100,6 @@ class FTComm(SingleProcessComm):
         saved = saved or {}
         self.manager.load_state_dict({"step": step, "batches_committed": int(saved.get("batches_committed", 0))})
         self.group_steps_missed = int(saved.get("group_steps_missed", 0))
-
-    def begin_steps(self) -> None:
-        self.manager.start_quorum()  # the first; each optimizer.zero_grad() starts the next
 
     def committed_step(self, step: int) -> int:
         """After an optimizer step: the Manager's count of committed steps (a discarded step is not one; a heal

@@ -1,7 +1,7 @@
-"""Run a program under mpirun with torchrun's environment contract, bootstrapped with mpi4py.
+"""torchrun's environment contract under mpirun, bootstrapped with mpi4py (``python -m workers.rank --mpi``):
 
-    mpirun -np 4 ... python -m workers.dist.mpi_env -m workers.train --run-dir RUN_DIR
-    mpirun -np 4 ... python -m workers.dist.mpi_env path/to/torchrun_script.py --its-args
+    mpirun -np 4 ... python -m workers.rank --mpi -m workers.train --run-dir RUN_DIR
+    mpirun -np 4 ... python -m workers.rank --mpi path/to/torchrun_script.py --its-args
 
 Rank and world size come from MPI, the local rank from a shared-memory split of COMM_WORLD, and
 rank 0 picks MASTER_ADDR/MASTER_PORT and broadcasts them; then the program runs as if torchrun had
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 
 def _free_port() -> int:
@@ -46,8 +45,3 @@ def torchrun_env() -> dict[str, str]:
             "LOCAL_RANK": str(node.Get_rank()), "LOCAL_WORLD_SIZE": str(node.Get_size()),
             "GROUP_RANK": str(node_rank), "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])}
 
-
-if __name__ == "__main__":  # the same as `python -m workers.rank --mpi ...`, which the mpi backend runs
-    from workers.rank import main
-
-    main(["--mpi", *sys.argv[1:]])
