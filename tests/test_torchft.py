@@ -135,16 +135,24 @@ def kill_group_midrun(run_dir: Path, group: int) -> tuple[int, int]:
     return other, step
 
 
+def kill_and_finish(run_dir: Path, group: int) -> tuple[int, int, str]:
+    """Kill ``group``'s rank mid-run, wait for its heal while the other group keeps its process, let the run end
+    (exit 0); returns (the checkpoint step at the kill, the step healed at, the launcher's stdout)."""
+    proc = start_ft(run_dir, f"ft-kill-{group}")
+    survivor, killed_at = kill_group_midrun(run_dir, group=group)
+    wait_for(lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=120)
+    healed_at = next(e for e in events(run_dir) if e["kind"] == "heal")["step"]
+    assert group_pid(run_dir, 1 - group) == survivor  # the healthy group never restarted
+    code, out, err = finish(proc)
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    return killed_at, healed_at, out
+
+
 @pytest.mark.slow
 @needs_torchft
 def test_killed_group_heals_while_the_other_never_stops(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = start_ft(run_dir, "ft-kill-1")
-    survivor, killed_at = kill_group_midrun(run_dir, group=1)
-    wait_for(lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=120)
-    assert group_pid(run_dir, 0) == survivor  # group 0 never restarted
-    code, out, err = finish(proc)
-    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    killed_at, _, out = kill_and_finish(run_dir, group=1)
     kinds = [(e["group"], e["kind"]) for e in events(run_dir)]
     assert (1, "restart") in kinds and (1, "heal") in kinds and (0, "drop") in kinds and (0, "rejoin") in kinds
     assert (0, "restart") not in kinds  # the healthy group: no restart, no checkpoint read
@@ -165,13 +173,7 @@ def test_killed_group_heals_while_the_other_never_stops(tmp_path: Path) -> None:
 @needs_torchft
 def test_group_0_killed_checkpoints_and_tensorboard_go_on_from_group_1(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = start_ft(run_dir, "ft-kill-0")
-    survivor, killed_at = kill_group_midrun(run_dir, group=0)
-    wait_for(lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=120)
-    healed_at = next(e for e in events(run_dir) if e["kind"] == "heal")["step"]
-    assert group_pid(run_dir, 1) == survivor
-    code, out, err = finish(proc)
-    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    killed_at, healed_at, out = kill_and_finish(run_dir, group=0)
     # while group 0 was down, group 1 led the quorum: it wrote the checkpoints and TensorBoard of those steps
     saved_by_1 = [int(line.split("checkpoint step ")[1].split(":")[0]) for line in out.splitlines()
                   if line.startswith("[group1] ") and "checkpoint step " in line]  # (older files are purged)

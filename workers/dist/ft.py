@@ -58,7 +58,6 @@ class FTComm(SingleProcessComm):
         self.attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
         self.participants = 0  # at the last step: a drop or a rejoin is a change of it
         self.step_started = time.monotonic()
-        self.healed_at: int | None = None
         self.last_duration = 0.0  # of the step before: a failure stalls the step it hits and the next one
         self.group_steps_missed = 0  # sum over steps of the groups not in the quorum (the same count in every group)
         if self.attempt:
@@ -83,9 +82,9 @@ class FTComm(SingleProcessComm):
         def healed(received: dict[str, Any]) -> None:
             load(received)
             self.group_steps_missed = int(received.get("group_steps_missed", 0))  # the job's count, from the peer
-            self.healed_at = int(received["step"])
-            if self.healed_at:  # step 0: torchft's initial weight sync, not a recovery
-                self.event("heal", self.healed_at, time_to_heal_s=round(time.monotonic() - self.started, 3))
+            healed_at = int(received["step"])
+            if healed_at:  # step 0: torchft's initial weight sync, not a recovery
+                self.event("heal", healed_at, time_to_heal_s=round(time.monotonic() - self.started, 3))
 
         def shared() -> dict[str, Any]:
             return {**state(), "group_steps_missed": self.group_steps_missed}
@@ -110,7 +109,8 @@ class FTComm(SingleProcessComm):
         participants = self.manager.num_participants()
         current = self.manager.current_step()
         self.group_steps_missed += max(0, self.groups - participants)
-        if self.participants and participants != self.participants and self.group == self._lowest_live():
+        # one record per change: from the group that leads this step's quorum
+        if self.participants and participants != self.participants and self.manager.participating_rank() == 0:
             kind = "drop" if participants < self.participants else "rejoin"
             self.event(kind, current, participants=participants, stall_s=round(stall, 3))
         self.participants = participants
@@ -137,10 +137,6 @@ class FTComm(SingleProcessComm):
         return (f"fault tolerance: {count['restart']} group restart(s), {count['drop']} drop(s), "
                 f"{count['rejoin']} rejoin(s), {count['heal']} heal(s); {skipped} sample(s) skipped"
                 + (f"; healthy groups stalled at most {max(stalls):.2f} s" if stalls else ""))
-
-    def _lowest_live(self) -> int:
-        rank = self.manager.participating_rank()
-        return self.group if rank == 0 else -1
 
     def event(self, kind: str, step: int, **facts: object) -> None:
         """One console line and one RUN_DIR/events.jsonl record (a single append: whole lines from every group)."""
