@@ -18,6 +18,7 @@ from pathlib import Path
 from launcher import __doc__ as MANUAL
 from launcher import compose_cache, job, resume, slurm_env
 from launcher.backends import backend_names, get_backend, torchft
+from launcher.backends.horovodrun import check_elastic
 from launcher.commands import LaunchOptions
 from launcher.config import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
@@ -307,7 +308,9 @@ def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = N
     if plan.fault_tolerant and getattr(cfg, "mode", None) == "online":
         raise UsageError("--fault-tolerant trains in batch mode only: a stream position cannot be healed from a "
                          "peer. HINT: drop --fault-tolerant, or mode=batch")
-    problem = get_backend(plan.backend).check_available() or (torchft.check(plan) if plan.fault_tolerant else None)
+    problem = get_backend(plan.backend).check_available() or (
+        torchft.check(plan) if plan.fault_tolerant and plan.backend == "torchrun" else
+        check_elastic(plan) if plan.fault_tolerant else None)
     if problem:
         raise UsageError(problem)
     alloc = slurm_env.allocation(os.environ)

@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from launcher.backends import get_backend
+from launcher.backends.horovodrun import HorovodBackend
 from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
 from launcher.supervisor import Supervisor, not_restarting
@@ -64,6 +65,8 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
         (run_dir / "config.yaml").replace(history)
     if config_yaml is not None:
         (run_dir / "config.yaml").write_text(config_yaml)
+    if plan.fault_tolerant and plan.backend == "horovod":  # Horovod Elastic polls it for the hosts
+        HorovodBackend.write_discovery(plan)
     record = {k: v for k, v in asdict(plan).items() if k != "commands"}
     record["commands"] = [{"name": c.name, "argv": list(c.argv), "env": dict(c.env)} for c in plan.commands]
     (run_dir / "plan.json").write_text(json.dumps(record, indent=1, default=str))
@@ -71,7 +74,7 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
 
 def group_watches(plan: LaunchPlan) -> dict[int, Watch]:
     """--fault-tolerant: command index -> the watch over that replica group's records (RUN_DIR/groups/G)."""
-    if not plan.fault_tolerant:
+    if not plan.fault_tolerant or plan.backend != "torchrun":
         return {}
     return {i: Watch(Path(cmd.env["LAUNCHER_RUN_DIR"]), Timeouts(*plan.timeouts), world_size=1)
             for i, cmd in enumerate(plan.commands) if not cmd.service}

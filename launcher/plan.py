@@ -80,12 +80,12 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         if backend.name == "mpi":
             raise UsageError("--fault-tolerant needs --backend torchrun (torchft): MPI has no mode in which the "
                              "other ranks go on after one fails")
-        if backend.name != "torchrun":
-            raise UsageError(f"--fault-tolerant with --backend {backend.name} is not available yet (Horovod "
-                             "Elastic: issue #24). HINT: --backend torchrun")
         if nodes > 1 or least != nodes:
-            raise UsageError("--fault-tolerant runs on one node for now (one replica group per rank). "
-                             "HINT: drop --nodes/--hosts, or use --max-restarts across nodes")
+            raise UsageError("--fault-tolerant runs on one node for now (torchft: one replica group per rank; Horovod "
+                             "Elastic: one host). HINT: drop --nodes/--hosts, or use --max-restarts across nodes")
+        if backend.name == "horovod" and opts.controller != "gloo":
+            raise UsageError("--backend horovod --fault-tolerant runs Horovod Elastic, which needs the gloo "
+                             "controller. HINT: drop --controller mpi")
     # elastic: a node's loss is a restart of the others at the smaller size, so some restarts must be allowed;
     # fault tolerant: a group that died comes back (within its own budget) while the others go on
     restarts = opts.max_restarts or (3 if least < nodes or opts.fault_tolerant else 0)

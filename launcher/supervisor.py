@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ from launcher.commands import Cmd
 from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
 from launcher.reaper import Reaper
 from launcher.watch import Watch, describe
+from workers import events
 
 WATCH_EVERY_S = 0.5  # how often the rank records are read
 STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
@@ -27,12 +27,9 @@ TAIL_LINES = 20  # of the runners' output, for a failure without rank records
 
 def group_event(cmd: Cmd, kind: str, step: object, **facts: object) -> None:
     """The launcher's record of a replica group's failure or hang in RUN_DIR/events.jsonl, beside the ranks' own
-    (workers/dist/ft.py): one appended line."""
+    (workers/dist/ft.py)."""
     run_dir = Path(cmd.env["LAUNCHER_RUN_DIR"]).parent.parent  # RUN_DIR/groups/G
-    record = {"time": round(time.time(), 3), "group": int(cmd.env["REPLICA_GROUP_ID"]), "rank": 0, "kind": kind,
-              "step": step, "by": "launcher", **facts}
-    with contextlib.suppress(OSError), open(run_dir / "events.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    events.append(run_dir, kind, step, group=int(cmd.env["REPLICA_GROUP_ID"]), rank=0, by="launcher", **facts)
 
 
 def not_restarting(attempt: int) -> str:

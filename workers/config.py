@@ -75,11 +75,12 @@ class TrainerConfig:
     threads: int = MISSING
     straggler_factor: float = MISSING  # a rank's local step time above this times the median is behind
     straggler_windows: int = MISSING  # for this many consecutive log windows: named (workers/straggler.py)
+    elastic_commit_every: int = MISSING  # Horovod Elastic: steps between in-memory commits (workers/dist/elastic.py)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "an int >= 0")
         for key in ("grad_accum_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "straggler_windows"):
+                    "straggler_windows", "elastic_commit_every"):
             value = getattr(self, key)
             _check(value > 0, f"trainer.{key}", value, "a positive int")
         _check(self.precision in ("fp32", "bf16", "fp16"), "trainer.precision", self.precision, "fp32 | bf16 | fp16")

@@ -82,7 +82,9 @@ class EpochSource:
         trainer, asked = self.trainer, self.asked
         # no log step for a while: a poll (a collective) of its own. Not under torchft, where a group that healed
         # mid-window could not know when its peers poll, and every group must make the same collectives
-        if step - self.agreed_at >= self.poll_every and trainer.comm.name != "torchft":
+        # (nor under Horovod Elastic, where a worker that joins starts with the default interval)
+        if step - self.agreed_at >= self.poll_every and trainer.comm.name != "torchft" and \
+                not getattr(trainer.comm, "elastic", False):
             asked, self.agreed_at = trainer.signals.poll(trainer.comm), step
         self.asked = Requests()
         return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comm", default="auto", choices=("auto", "ddp", "horovod", "torchft"))
     args = parser.parse_args(argv)
     cfg = config.load_resolved(args.run_dir / "config.yaml")  # composed and checked once, by the launcher
-    comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp, os.environ)
+    comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp, os.environ,
+                      cfg.trainer.elastic_commit_every)
     Trainer(cfg, comm, args.run_dir).train()  # mode=online: the same loop over a stream (workers/online.py)
     # only after a clean run: closing meets the other ranks at a barrier, which after a failure here would
     # wait out the collective timeout for peers that are in another collective, or gone

@@ -142,6 +142,7 @@ class Trainer:
                                          async_save=t.async_checkpoint)
         self.signals = SignalFlags()
         self.saved_step = -1  # the step of the newest checkpoint this run saved or resumed from
+        self.metrics: Any = None  # TensorBoard (rank 0), opened by run()
         if cfg.mode == "online":
             from workers.online import StreamSource
 
@@ -208,8 +209,23 @@ class Trainer:
         batches this group would have trained in the steps it missed are skipped: workers/dist/ft.py counts)."""
         self.net.load_state_dict(state[ck.MODEL])
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
-        self.source.load_state_dict(state[ck.TRAIN_STATE])
-        self.step = int(state["step"])
+        self.reposition(int(state["step"]), state[ck.TRAIN_STATE])
+
+    def position(self) -> tuple[int, dict[str, Any]]:
+        """(step, data position): what Horovod Elastic commits beside the weights and the optimizer."""
+        return self.step, self.source.state_dict()
+
+    def reposition(self, step: int, train_state: dict[str, Any]) -> None:
+        """Go on from ``step`` at the data position ``train_state``, after a heal (torchft) or an elastic reset
+        (Horovod), whose world may have another size: the loader re-shards the rest of the epoch for this rank."""
+        if (self.loader.rank, self.loader.world_size) != (self.comm.rank, self.comm.world_size):
+            self.loader.close()
+            self.loader = TrainLoader(self.loader.dataset, self.loader.batch_size, self.comm.world_size,
+                                      self.comm.rank, self.cfg.seed, self.comm.device,
+                                      loader_kwargs(self.cfg.data, self.comm.device), self.channels_last)
+        self.peak = task.peak_lr(self.cfg, self.comm.world_size)  # scale_lr_with_world_size follows the new size
+        self.source.load_state_dict(train_state)
+        self.step = step
         self.source.restart()
 
     # -- data --------------------------------------------------------------------------------
@@ -285,6 +301,8 @@ class Trainer:
         if comm.name == "torchft":  # a healing group gets this state from a live peer (workers/dist/ft.py)
             comm.register(self.heal_state, self.load_healed)
             comm.resume_at(self.step, state.get(FT_STATE) if state is not None else None)
+        if getattr(comm, "elastic", False):  # Horovod Elastic commits and restores it (workers/dist/elastic.py)
+            comm.register(self.position, self.reposition)
         if state is None or not comm.is_main:  # rank 0 of a resumed run goes on with the generators it restored
             random.seed(cfg.seed + comm.rank + self.step)
             torch.manual_seed(cfg.seed + comm.rank + self.step)
@@ -363,11 +381,18 @@ class Trainer:
         return stall
 
     def train(self) -> dict[str, float]:
-        cfg, comm, t, source = self.cfg, self.comm, self.cfg.trainer, self.source
         self.prepare()
+        return self.comm.drive(self.run)  # Horovod Elastic: run() again after each reset (workers/dist/elastic.py)
+
+    def run(self) -> dict[str, float]:
+        """The loop, from ``self.step`` to the end, then the closing evaluation and line."""
+        cfg, comm, t, source = self.cfg, self.comm, self.cfg.trainer, self.source
         source.start()
+        if self.metrics is not None:  # a Horovod Elastic reset: the writer starts again at the step rolled back to
+            self.metrics.close()
         # torchft: whichever group is rank 0 of the quorum at the moment writes
-        metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step, gate=getattr(comm, "writes", None))
+        metrics = self.metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step,
+                                              gate=getattr(comm, "writes", None))
         self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model,  # the wrapped model
                                            hosts=[r["host"] for r in self.ranks])
 

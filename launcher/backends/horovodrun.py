@@ -3,10 +3,37 @@
 from __future__ import annotations
 
 import importlib.util
+import shlex
+import socket
 from pathlib import Path
 
 from launcher.backends import find_runner, runner
 from launcher.commands import Cmd, LaunchPlan
+
+HOSTS_FILE = "elastic_hosts.txt"
+
+
+def discovery_script(plan: LaunchPlan) -> Path:
+    return plan.run_dir / "discover_hosts.sh"
+
+
+def local_names() -> list[str]:
+    """Distinct names horovodrun takes for this machine (it runs locally, without ssh, a host whose address is
+    one of this machine's IPv4 addresses): localhost, 127.0.0.1 and each interface's other addresses."""
+    import psutil  # horovodrun's own dependency
+
+    addresses = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
+    return ["localhost", "127.0.0.1", *sorted({a for a in addresses if a != "127.0.0.1"})]
+
+
+def check_elastic(plan: LaunchPlan) -> str | None:
+    """--backend horovod --fault-tolerant on one node: a name per rank (see write_discovery)."""
+    if plan.hosts or plan.nproc_per_node <= len(names := local_names()):
+        return None
+    return (f"--backend horovod --fault-tolerant: Horovod Elastic drops a failed worker's whole host, so each rank "
+            f"here is a host of its own, and this machine has {len(names)} names for that ({', '.join(names)}). "
+            f"HINT: --gpus {len(names)} or fewer, or --backend torchrun --fault-tolerant (torchft)")
+
 
 INSTALL_HINT = "HINT: bash scripts/install_horovod.sh (builds horovod 0.28.1 with the C++17 fix)"
 
@@ -16,13 +43,21 @@ class HorovodBackend:
 
     def build_commands(self, plan: LaunchPlan) -> list[Cmd]:
         hosts = plan.hosts or (("localhost", plan.nproc_per_node),)
-        argv = [
-            runner("horovodrun", plan.python),
-            "-np", str(plan.world_size),
-            "-H", ",".join(f"{h}:{n}" for h, n in hosts),
-            f"--{plan.controller}",
-            "--output-filename", str(self.log_dir(plan)),  # per-rank stdout/stderr files
-        ]
+        argv = [runner("horovodrun", plan.python), "-np", str(plan.world_size)]
+        if plan.fault_tolerant:  # Horovod Elastic: the survivors go on at a smaller size, a worker back is added
+            argv += ["--min-np", "1", "--max-np", str(plan.world_size),
+                     "--host-discovery-script", str(discovery_script(plan))]
+            if "network-interface" not in plan.tuning:
+                # without one, horovodrun's elastic driver finds the interfaces common to the hosts, which takes
+                # two hosts: on one it waits out --elastic-timeout (600 s) and starts nothing (gloo_run.py,
+                # _get_min_start_hosts). One host talks over loopback.
+                argv += ["--network-interface", "lo"]
+            # a failed worker's host (here: its slot) is out for a second or two, then discovery's listing of it
+            # starts a new worker there, which joins at the next commit
+            argv += ["--blacklist-cooldown-range", "1", "2"]
+        else:
+            argv += ["-H", ",".join(f"{h}:{n}" for h, n in hosts)]
+        argv += [f"--{plan.controller}", "--output-filename", str(self.log_dir(plan))]  # per-rank stdout/stderr
         for key, value in plan.tuning.items():
             argv += [f"--{key}", value]
         # a script of the user's gets torchrun's variables too (workers.rank --horovod), so one written for
@@ -34,6 +69,18 @@ class HorovodBackend:
                "MASTER_PORT": str(plan.master_port)}
         return [Cmd(argv=tuple(argv), env=env, name="horovodrun",
                     rank_marker=plan.rank_marker, relabel=(r"\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
+
+    @staticmethod
+    def write_discovery(plan: LaunchPlan) -> None:
+        """The host discovery script horovodrun polls under --fault-tolerant: it prints the hosts file beside it,
+        ``host:slots`` per line. Horovod Elastic takes a failed worker's whole host out of the job (its other
+        workers too), so on one node each rank is a "host" of one slot under a name of its own for this machine
+        (:func:`local_names`); a worker finds its GPU by its name's line (workers/dist/elastic.py)."""
+        script = discovery_script(plan)
+        hosts = plan.hosts or tuple((name, 1) for name in local_names()[:plan.nproc_per_node])
+        (script.parent / HOSTS_FILE).write_text("".join(f"{h}:{n}\n" for h, n in hosts))
+        script.write_text(f"#!/bin/sh\nexec cat {shlex.quote(str(script.parent / HOSTS_FILE))}\n")
+        script.chmod(0o755)
 
     @staticmethod
     def log_dir(plan: LaunchPlan) -> Path:

@@ -96,6 +96,7 @@ class TrainLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, world_size: int, rank: int, seed: int,
                  device: torch.device, loader_kw: dict[str, Any], channels_last: bool = False) -> None:
+        self.dataset = dataset
         self.sampler = ResumableSampler(dataset, world_size, rank, seed)
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         self.device, self.channels_last = device, channels_last

@@ -4,6 +4,7 @@ the mpi4py bootstrap and the pre-flight check."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dist.env` (workers/rank.py reads it)
@@ -12,9 +13,11 @@ if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dis
     from workers.dist.env import DistEnv
 
 
-def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: Mapping[str, str] | None = None) -> Comm:
+def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: Mapping[str, str] | None = None,
+               commit_every: int = 10) -> Comm:
     """``kind``: auto | ddp | horovod | torchft. ``auto`` means DDP for several ranks, else a single process; under
-    the launcher's ``--fault-tolerant`` (TORCHFT_LIGHTHOUSE in ``environ``) it means torchft."""
+    the launcher's ``--fault-tolerant`` (TORCHFT_LIGHTHOUSE in ``environ``) it means torchft. ``horovod`` under
+    horovodrun's elastic mode (HOROVOD_ELASTIC=1) is Horovod Elastic, committing every ``commit_every`` steps."""
     from workers.dist.ddp import DDPComm, SingleProcessComm
 
     environ = environ or {}
@@ -23,6 +26,11 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: M
 
         return FTComm(env, environ)
 
+    if kind == "horovod" and environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun in elastic mode
+        from workers.dist.elastic import ElasticComm
+
+        run_dir = Path(environ["LAUNCHER_RUN_DIR"]) if "LAUNCHER_RUN_DIR" in environ else None
+        return ElasticComm(commit_every, run_dir, environ.get("HOROVOD_HOSTNAME", ""))
     if kind == "horovod":
         from workers.dist.horovod import HorovodComm  # lazy: horovod is an optional extra
 

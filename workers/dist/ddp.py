@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import datetime
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,8 @@ from torch.distributed.rendezvous import rendezvous
 from workers.config import DDPConfig
 from workers.dist.comm import pick_device, unscale_clip_step
 from workers.dist.env import DistEnv
+
+T = TypeVar("T")
 
 
 class SingleProcessComm:
@@ -43,6 +46,10 @@ class SingleProcessComm:
 
     def no_sync(self, model: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def drive(self, loop: Callable[[], T]) -> T:
+        """Run the training loop; Horovod Elastic runs it again after each reset (workers/dist/elastic.py)."""
+        return loop()
 
     def committed_step(self, step: int) -> int:
         """The step count after an optimizer step: ``step`` itself, except under torchft (workers/dist/ft.py)."""

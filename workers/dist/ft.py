@@ -26,6 +26,7 @@ from torch import nn
 
 from workers.dist.comm import pick_device, unscale_clip_step
 from workers.dist.ddp import SingleProcessComm
+from workers import events
 from workers.dist.env import DistEnv
 
 # Timeouts that fit the lighthouse's 500 ms heartbeat (launcher/backends/torchft.py): a collective with a dead
@@ -118,10 +119,7 @@ class FTComm(SingleProcessComm):
 
     def events(self) -> list[dict[str, Any]]:
         """Every group's records so far (RUN_DIR/events.jsonl)."""
-        path = self.run_dir / "events.jsonl" if self.run_dir is not None else None
-        if path is None or not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return events.read(self.run_dir) if self.run_dir is not None else []
 
     def log_values(self, samples_per_group_step: int) -> dict[str, float]:
         """TensorBoard's view at a log step: the groups in this step's quorum, the samples skipped so far (those
@@ -139,18 +137,12 @@ class FTComm(SingleProcessComm):
                 + (f"; healthy groups stalled at most {max(stalls):.2f} s" if stalls else ""))
 
     def event(self, kind: str, step: int, **facts: object) -> None:
-        """One console line and one RUN_DIR/events.jsonl record (a single append: whole lines from every group)."""
-        record = {"time": round(time.time(), 3), "group": self.group, "rank": 0, "kind": kind, "step": step,
-                  "host": socket.gethostname(), **facts}
+        """One console line and one RUN_DIR/events.jsonl record."""
         details = ", ".join(f"{k} {v}" for k, v in facts.items())
         print(f"fault tolerance: group {self.group} {kind} at step {step}" + (f" ({details})" if details else ""),
               flush=True)
         if self.run_dir is not None:
-            fd = os.open(self.run_dir / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, (json.dumps(record) + "\n").encode())
-            finally:
-                os.close(fd)
+            events.append(self.run_dir, kind, step, group=self.group, rank=0, host=socket.gethostname(), **facts)
 
     # -- Comm ----------------------------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module) -> nn.Module:

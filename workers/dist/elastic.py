@@ -1,0 +1,131 @@
+"""Horovod Elastic (``--backend horovod --fault-tolerant``): when a worker dies the others go on.
+
+horovodrun runs in elastic mode (launcher/backends/horovodrun.py: ``--min-np``/``--max-np`` and a host discovery
+script). The trainer's loop runs under ``hvd.elastic.run`` with a ``hvd.elastic.TorchState`` holding the weights,
+the optimizer, the step and the data position, committed in memory every ``trainer.elastic_commit_every`` steps.
+When a peer fails, the survivors get ``HorovodInternalError``: Horovod rolls the state back to the last commit,
+re-forms the ring at the smaller size, and the loop goes on from there with the data re-sharded over the new world
+(no sample of the epoch trained twice). A worker that comes back is added at the next commit and gets the state by
+broadcast from rank 0. Rank 0 (checkpoints, TensorBoard) is whoever has rank 0 after a reset. Every reset is one
+console line and one ``RUN_DIR/events.jsonl`` record, with the survivors' stall (the last step before the failure
+to the first one after)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import horovod.torch as hvd
+
+from workers import events
+from workers.dist.comm import pick_device
+from workers.dist.horovod import HorovodComm
+
+Position = tuple[int, dict[str, Any]]
+HOSTS_FILE = "elastic_hosts.txt"  # launcher/backends/horovodrun.py writes it
+
+
+def _slots(path: Path) -> dict[str, int]:
+    """{host: slots} of the discovery hosts file (``host:slots`` lines), {} if there is none."""
+    if not path.exists():
+        return {}
+    pairs = (line.rsplit(":", 1) for line in path.read_text().split())
+    return {host: int(n) for host, n in pairs}
+
+
+class ElasticComm(HorovodComm):
+    elastic = True
+
+    def __init__(self, commit_every: int, run_dir: Path | None, host: str) -> None:
+        super().__init__()
+        self.commit_every = max(1, commit_every)
+        self.run_dir = run_dir  # events.jsonl's
+        # on one node each rank is a "host" of one slot (launcher/backends/horovodrun.py), so Horovod's local rank
+        # is 0 for all: the GPU is the slot's line in the discovery hosts file
+        slots = _slots(run_dir / HOSTS_FILE) if run_dir is not None else []
+        if host in slots and all(n == 1 for n in slots.values()):
+            self.device = pick_device(list(slots).index(host))
+        self.state: Any = None
+        self.get_position: Callable[[], Position] | None = None
+        self.set_position: Callable[[int, dict[str, Any]], None] | None = None
+        self.last_step_at = time.monotonic()
+        self.reset_at: float | None = None  # a reset happened: the first step after it records the stall
+        self.resets = 0
+        self.last_step = 0
+
+    def register(self, get_position: Callable[[], Position], set_position: Callable[[int, dict[str, Any]], None]
+                 ) -> None:
+        self.get_position, self.set_position = get_position, set_position
+
+    def drive(self, loop: Callable[[], dict[str, float]]) -> dict[str, float]:
+        assert self.get_position is not None and self.set_position is not None
+        step, data = self.get_position()
+        # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps
+        self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data)
+        self.state.register_reset_callbacks([self._on_reset])
+
+        @hvd.elastic.run
+        def run(state: Any) -> dict[str, float]:
+            self._refresh()
+            assert self.set_position is not None
+            self.set_position(state.step, state.data)  # the committed (or broadcast) position, this world's shard
+            return loop()
+
+        return run(self.state)
+
+    # -- before the loop: nothing collective. A worker that joins a running job starts here while the others are
+    # in the loop; the state reaches it by broadcast when hvd.elastic.run syncs (so it does at the first start)
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return super().allgather_object(obj) if self.state is not None else [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:  # (the checkpoint manager's choice of the file to resume from)
+        return super().broadcast_object(obj) if self.state is not None else obj
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            super().barrier()
+
+    def broadcast_state(self, model: Any, optimizer: Any) -> None:
+        pass
+
+    def wrap_model(self, model: Any) -> Any:
+        self.model = model
+        return super().wrap_model(model)
+
+    def wrap_optimizer(self, optimizer: Any, model: Any, accum_steps: int) -> Any:
+        self.optimizer = super().wrap_optimizer(optimizer, model, accum_steps)
+        return self.optimizer
+
+    def committed_step(self, step: int) -> int:
+        now = time.monotonic()
+        if self.reset_at is not None and self.is_main:
+            self.event("resumed", step, size=self.world_size, stall_s=round(now - self.last_step_at, 3))
+        self.reset_at, self.last_step_at = None, now
+        self.last_step = step
+        if step % self.commit_every == 0:
+            assert self.get_position is not None
+            _, self.state.data = self.get_position()  # the data position after this step
+            self.state.step = step  # (the trainer counts the step once this returns)
+            # in memory; then raises HostsUpdatedInterrupt if a worker is to be added: all reset, it gets the state
+            self.state.commit()
+        return step
+
+    def _refresh(self) -> None:
+        self.rank, self.world_size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
+
+    def _on_reset(self) -> None:
+        self._refresh()
+        self.resets += 1
+        self.reset_at = time.monotonic()
+        if self.is_main:  # the state is back at the last commit: the steps since are trained again
+            self.event("reset", self.state.step, size=self.world_size, redo=max(0, self.last_step - self.state.step))
+
+    def event(self, kind: str, step: int, **facts: object) -> None:
+        details = ", ".join(f"{k} {v}" for k, v in facts.items())
+        print(f"horovod elastic: {kind} at step {step}" + (f" ({details})" if details else ""), flush=True)
+        if self.run_dir is not None:
+            events.append(self.run_dir, kind, step, rank=self.rank, host=socket.gethostname(), **facts)
