@@ -8,10 +8,14 @@ re-forms at size 1, the killed slot is started again and added back; the run end
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+from conftest import finish, run_processes, start, tb_scalars, wait_for
 
 from launcher.commands import LaunchOptions
 from launcher.errors import UsageError
@@ -47,7 +51,15 @@ def test_discovery_script_prints_the_hosts(tmp_path: Path) -> None:
                     device_count=0, free_port=29999, cpu_count=4, python="/venv/bin/python", env={}, job_token="t")
     HorovodBackend.write_discovery(p)
     out = subprocess.run([str(tmp_path / "discover_hosts.sh")], capture_output=True, text=True, check=True).stdout
-    assert out == "localhost:2\n"
+    assert out == "localhost:1\n127.0.0.1:1\n"  # a host of its own per rank: Horovod drops a failed worker's host
+
+
+def test_more_ranks_than_local_names_is_refused() -> None:
+    from launcher.backends.horovodrun import check_elastic, local_names
+
+    assert check_elastic(plan(gpus=2)) is None
+    problem = check_elastic(plan(gpus=len(local_names()) + 1))
+    assert problem is not None and "HINT: --gpus" in problem and "torchft" in problem
 
 
 @pytest.mark.parametrize(("kw", "words"), [
@@ -57,3 +69,77 @@ def test_discovery_script_prints_the_hosts(tmp_path: Path) -> None:
 def test_elastic_refuses_what_it_cannot_do(kw: dict, words: str) -> None:
     with pytest.raises(UsageError, match=words):
         plan(gpus=2, **kw)
+
+
+# -- real horovodrun -----------------------------------------------------------------------------------
+def worker_pids(run_dir: Path) -> dict[int, int]:
+    """{pid: Horovod rank at the worker's start} of the run's live trainer processes (a worker that joins later
+    may start with the rank of one still running)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"workers.train" not in cmdline or str(run_dir).encode() not in cmdline:
+                continue
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if b"HOROVOD_RANK" in env and b"HOROVOD_HOSTNAME" in env:  # the worker, not horovodrun's task wrapper
+            found[int(proc.name)] = int(env[b"HOROVOD_RANK"])
+    return found
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def kill_and_finish(run_dir: Path, victim: int) -> tuple[int, str, str, int]:
+    """Start a slowed 2-worker elastic run, SIGKILL the worker that started as rank ``victim`` once training is
+    under way, check that the other keeps its process through the reset; returns (code, out, err, survivor pid)."""
+    proc = start(run_dir, "--backend", "horovod", "--fault-tolerant", "trainer.max_steps=600", "trainer.log_every=10",
+                 "trainer.eval_every=1000", "trainer.checkpoint_every=50", env={"LAUNCHER_TEST_SLOW_STEP_S": "0.03"})
+    try:
+        wait_for(lambda: len(worker_pids(run_dir)) == 2 and (run_dir / "checkpoints" / "step-00000050.json").exists())
+        pids = {rank: pid for pid, rank in worker_pids(run_dir).items()}
+        survivor = pids[1 - victim]
+        os.kill(pids[victim], signal.SIGKILL)
+        wait_for(lambda: any(e["kind"] == "resumed" and e["size"] == 1 for e in events(run_dir)))
+        wait_for(lambda: any(e["kind"] == "resumed" and e["size"] == 2 for e in events(run_dir)))  # it rejoined
+        assert survivor in worker_pids(run_dir)  # the survivor never restarted
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, out, err, survivor
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_killed_worker_the_other_goes_on_and_it_rejoins(tmp_path: Path) -> None:
+    code, out, err, _ = kill_and_finish(tmp_path, victim=1)
+    assert code == 0, err[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text())["test/accuracy"] >= 0.95
+    kinds = [(e["kind"], e["size"]) for e in events(tmp_path)]
+    assert kinds[:2] == [("reset", 1), ("resumed", 1)] and ("reset", 2) in kinds, kinds
+    reset = next(e for e in events(tmp_path) if e["kind"] == "reset")
+    assert 0 <= reset["redo"] < 10  # rolled back to the last commit (trainer.elastic_commit_every=10)
+    assert "horovod elastic: reset at step" in out
+    steps = [s for s, _ in tb_scalars(tmp_path)["train/loss"]]
+    assert steps[-1] == 600
+    assert not run_processes(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_killed_rank_0_the_survivor_becomes_rank_0_and_checkpoints_go_on(tmp_path: Path) -> None:
+    code, out, err, survivor = kill_and_finish(tmp_path, victim=0)
+    assert code == 0, err[-3000:]
+    killed_at = next(e["step"] for e in events(tmp_path) if e["kind"] == "reset")
+    saved = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.json"))
+    assert saved[-1] == 600 and any(killed_at < s < 600 for s in saved), saved
+    assert not run_processes(tmp_path)
