@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
-from conftest import finish, run_processes, start, tb_scalars, wait_for
+from conftest import ROOT, TOKEN_VAR, finish, run_processes, start, tb_scalars, token_processes, wait_for
 
 from launcher.commands import LaunchOptions
 from launcher.errors import UsageError
@@ -72,8 +73,8 @@ def test_elastic_refuses_what_it_cannot_do(kw: dict, words: str) -> None:
 
 
 # -- real horovodrun -----------------------------------------------------------------------------------
-def worker_pids(run_dir: Path) -> dict[int, int]:
-    """{pid: Horovod rank at the worker's start} of the run's live trainer processes (a worker that joins later
+def worker_pids(run_dir: Path, program: str = "workers.train") -> dict[int, int]:
+    """{pid: Horovod rank at the worker's start} of the run's live worker processes (a worker that joins later
     may start with the rank of one still running)."""
     found = {}
     for proc in Path("/proc").iterdir():
@@ -81,12 +82,13 @@ def worker_pids(run_dir: Path) -> dict[int, int]:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"workers.train" not in cmdline or str(run_dir).encode() not in cmdline:
+            if not any(program.encode() in word for word in cmdline):
                 continue
             env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
         except OSError:
             continue
-        if b"HOROVOD_RANK" in env and b"HOROVOD_HOSTNAME" in env:  # the worker, not horovodrun's task wrapper
+        mine = env.get(b"LAUNCHER_RUN_DIR") == str(run_dir).encode()
+        if mine and b"HOROVOD_RANK" in env and b"HOROVOD_HOSTNAME" in env:  # the worker, not horovodrun's wrapper
             found[int(proc.name)] = int(env[b"HOROVOD_RANK"])
     return found
 
@@ -143,3 +145,46 @@ def test_killed_rank_0_the_survivor_becomes_rank_0_and_checkpoints_go_on(tmp_pat
     saved = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.json"))
     assert saved[-1] == 600 and any(killed_at < s < 600 for s in saved), saved
     assert not run_processes(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_launcher_killed_leaves_nothing_and_the_job_resumes_from_disk(tmp_path: Path) -> None:
+    args = ["--backend", "horovod", "--fault-tolerant", "trainer.max_steps=300", "trainer.log_every=10",
+            "trainer.eval_every=1000", "trainer.checkpoint_every=50"]
+    token = "elastic-launcher-kill"
+    proc = start(tmp_path, *args, env={"LAUNCHER_TEST_SLOW_STEP_S": "0.03", TOKEN_VAR: token})
+    wait_for(lambda: (tmp_path / "checkpoints" / "step-00000100.json").exists())
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not token_processes(token), timeout=60)  # horovodrun and its workers, reaped
+    saved = max(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.json"))
+    code, out, err = finish(start(tmp_path, *args))
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    assert f"resuming from step {saved}" in out
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 300
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_users_own_elastic_script_runs_unmodified_and_survives_a_kill(tmp_path: Path) -> None:
+    script = str(ROOT / "examples" / "horovod_elastic" / "train_elastic.py")
+    proc = start(tmp_path, "--backend", "horovod", "--fault-tolerant", "--", script, "--steps", "400",
+                 "--sleep", "0.03")
+    try:
+        wait_for(lambda: len(worker_pids(tmp_path, "train_elastic.py")) == 2)
+        time.sleep(3)
+        pids = {rank: pid for pid, rank in worker_pids(tmp_path, "train_elastic.py").items()}
+        os.kill(pids[1], signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(tmp_path, "train_elastic.py")) == 2 and pids[1] not in
+                 worker_pids(tmp_path, "train_elastic.py"))  # its slot started again
+        assert pids[0] in worker_pids(tmp_path, "train_elastic.py")
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    assert "reset: rank 0 of 1" in out and "reset: rank 0 of 2" in out  # went on alone, then the slot rejoined
+    assert "rank 0: done at step 400: w 3.000 b -1.000" in out
