@@ -17,11 +17,12 @@ from pathlib import Path
 
 from bench.common import RESULTS, save
 from bench.data_suite import data
-from bench.goodput_suite import goodput
+from bench.goodput_suite import goodput, goodput_horovod
 from bench.recovery_suite import recovery
 from bench.suites import SUITES
 
-SUITES = {**SUITES, "data": data, "recovery": recovery, "goodput": goodput}  # bench/*_suite.py
+SUITES = {**SUITES, "data": data, "recovery": recovery, "goodput": goodput,  # bench/*_suite.py
+          "goodput_horovod": goodput_horovod}
 
 
 def main(argv: list[str] | None = None) -> int:

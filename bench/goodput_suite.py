@@ -69,8 +69,26 @@ def group_pids(run_dir: Path) -> dict[int, int]:
     return found
 
 
+def elastic_pids(run_dir: Path) -> dict[int, int]:
+    """{Horovod rank at the worker's start: pid} of a Horovod Elastic run's live workers (a worker started again
+    takes the rank of the one it replaces, usually)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if env.get(b"LAUNCHER_RUN_DIR") == str(run_dir).encode() and b"HOROVOD_HOSTNAME" in env and state != "Z" \
+                and b"HOROVOD_RANK" in env:
+            found[int(env[b"HOROVOD_RANK"])] = int(proc.name)
+    return found
+
+
 def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[tuple[float, int, int]],
-               ft: bool) -> dict[str, object]:
+               ft: bool, find: Callable[[Path], dict[int, int]] | None = None) -> dict[str, object]:
     """One launcher run for ``window_s`` seconds; ``failures``: (seconds after the start, rank, signal)."""
     start = time.monotonic()
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 -- the launcher writes it until the end
@@ -81,7 +99,7 @@ def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[
     for at, rank, sig in failures:
         while time.monotonic() - start < at:
             time.sleep(0.05)
-        pid = (group_pids(run_dir) if ft else rank_pids(run_dir)).get(rank)
+        pid = (find or (group_pids if ft else rank_pids))(run_dir).get(rank)
         if pid is not None:
             os.kill(pid, sig)
             done.append({"at_s": round(time.monotonic() - start, 2), "rank": rank, "signal": signal.Signals(sig).name})
@@ -206,3 +224,69 @@ def goodput(repeats: int, tiny: bool) -> Result:
     stats = {k: Stat.of([v["samples"] / base]) for k, v in results.items()}
     return payload, lambda p: bar_plot(p, f"goodput over {window:g} s, a failure every {interval:g} s", stats,
                                        "samples / plain's"), text
+
+
+HOROVOD_GOALS = {"goodput.elastic": ">= 0.85", "survivor_stall_s.max": "<= 2", "steps_redone.elastic_max": "<= 10"}
+
+
+def samples_elastic(records: list[dict], last_step: int, batch: int = 64, size: int = 2) -> int:
+    """Samples in the history that led to ``last_step``: each reset record starts a stretch at its size from its
+    step (the steps redone after a rollback count once, in the stretch that trained them last)."""
+    marks = sorted(((e["step"], e["size"]) for e in records if e["kind"] == "reset"), key=lambda m: m[0])
+    total, at = 0, 0
+    for step, new_size in marks:
+        total += max(0, min(step, last_step) - at) * size
+        at, size = min(step, last_step), new_size
+    return (total + max(0, last_step - at) * size) * batch
+
+
+def goodput_horovod(repeats: int, tiny: bool) -> Result:
+    """The horovod rows: restart-all under horovodrun against Horovod Elastic (--backend horovod --fault-tolerant),
+    the torchrun rows' window and failure times; every failure a SIGKILL (Horovod Elastic has no hang watch: a
+    stopped worker would hold the survivor for gloo's 30 s timeout)."""
+    window, interval = (45.0, 12.0) if tiny else (150.0, 20.0)
+    rng = random.Random(0)
+    times = [interval * (i + 1) for i in range(int(window // interval) - 1)]
+    schedule = [(t, rng.randrange(2), signal.SIGKILL) for t in times]
+    hvd = ["--backend", "horovod"]
+    runs = {"horovod_plain": (hvd, [], None),
+            "horovod_restart_all": ([*hvd, "--max-restarts", "20"], schedule, rank_pids),
+            "horovod_elastic": ([*hvd, "--fault-tolerant"], schedule, elastic_pids)}
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, (extra, failures, find) in runs.items():
+            print(f"goodput: {name} ({window:g} s)", flush=True)
+            run_dir = Path(d) / name
+            results[name] = run_window(run_dir, extra, window, failures, False, find)
+            results[name]["events"] = events(run_dir)
+    elastic = results["horovod_elastic"]
+    elastic["samples"] = samples_elastic(elastic["events"], int(elastic["step"]))  # type: ignore[arg-type]
+    base = results["horovod_plain"]["samples"] or 1
+    resets = [e for e in elastic["events"] if e["kind"] == "reset"]
+    # the survivors' stall: from their last step before a failure to their first after it (a shrink's "resumed")
+    stalls = [e["stall_s"] for e in elastic["events"] if e["kind"] == "resumed" and e["size"] == 1]
+    joins = [e["stall_s"] for e in elastic["events"] if e["kind"] == "resumed" and e["size"] == 2]
+    out = results["horovod_restart_all"]["output"]
+    resumed = [int(m) for m in re.findall(r"\[rank0\]:resuming from step (\d+)", out)]
+    failed = results["horovod_restart_all"]["failure_steps"]
+    payload = {
+        "window_s": window, "interval_s": interval,
+        "schedule": [{"at_s": t, "rank": r, "signal": signal.Signals(s).name} for t, r, s in schedule],
+        "samples": {k: v["samples"] for k, v in results.items()},
+        "goodput": {k.removeprefix("horovod_"): v["samples"] / base for k, v in results.items()},
+        "survivor_stall_s": Stat.of(stalls).as_dict() if stalls else None,
+        "rejoin_stall_s": Stat.of(joins).as_dict() if joins else None,
+        "steps_redone": {"restart_all": sum(max(0, f - r) for f, r in zip(failed, resumed, strict=False)),
+                         "elastic": sum(e["redo"] for e in resets if e["size"] == 1),
+                         "elastic_max": max((e["redo"] for e in resets), default=0)},
+        "failures": {k: v["failures"] for k, v in results.items()},
+        "events": elastic["events"],
+        "goals": HOROVOD_GOALS,
+    }
+    rows = [(k, v["step"], v["samples"], v["samples"] / base) for k, v in results.items()]
+    text = table(rows, ("run", "last step", "samples", "goodput"))
+    text += (f"\nsurvivor stall per failure (elastic): {stalls}; the survivor's stall when a worker rejoins: {joins}"
+             f"\nsteps redone: {payload['steps_redone']}")
+    stats = {k: Stat.of([v["samples"] / base]) for k, v in results.items()}
+    return payload, lambda p: bar_plot(p, f"horovod goodput over {window:g} s, a SIGKILL every {interval:g} s",
+                                       stats, "samples / horovod plain's"), text

@@ -59,6 +59,9 @@ restarts, heals from a live peer's state over the network and rejoins at the pee
 TensorBoard come from rank 0 of the lowest-numbered live group; every restart, drop, rejoin, heal, failure
 and hang is a console line and a record in ``RUN_DIR/events.jsonl``. Ranks get REPLICA_GROUP_ID,
 NUM_REPLICA_GROUPS and TORCHFT_LIGHTHOUSE (torchft's own conventions), so a torchft program runs unmodified.
+With ``--backend horovod`` it is Horovod Elastic: horovodrun with ``--min-np 1 --max-np N`` and the launcher's
+host discovery script (each rank a host of its own on one node); the survivors roll back to the last in-memory
+commit (``trainer.elastic_commit_every``), go on at the smaller size, and a restarted worker is added back.
 Launching again into the same run directory resumes from its newest intact checkpoint;
 ``--no-resume`` starts at step 0 and moves the old checkpoints aside.
 

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fault-tolerant", action="store_true",
                    help="one replica group per rank under torchft's lighthouse: when a rank dies the others go "
                         "on training; its group restarts alone (--max-restarts each, default 3) and heals from "
-                        "a live peer")
+                        "a live peer. With --backend horovod: Horovod Elastic (the survivors go on at the smaller "
+                        "size, a restarted worker is added back)")
     f.add_argument("--lighthouse-port", type=PORT, default=29510, help="torchft lighthouse port (default 29510)")
     s = p.add_argument_group("several hosts from this one (ssh fan-out; horovodrun and mpirun ssh themselves)")
     s.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")

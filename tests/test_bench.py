@@ -76,8 +76,9 @@ def test_check_flags_short_results_and_regenerates_the_readme(tmp_path: Path, ca
 
 def test_every_suite_has_expectations() -> None:
     # data has its own tests (tests/test_bench_data.py); goodput takes minutes even tiny (four runs of a window
-    # with failures): what it measures is tested in tests/test_torchft.py, the suite is run for the README
-    assert set(SUITES) == set(EXPECTED) | {"data", "goodput"}
+    # with failures): what it measures is tested in tests/test_torchft.py and tests/test_horovod_elastic.py, the
+    # suites are run for the README
+    assert set(SUITES) == set(EXPECTED) | {"data", "goodput", "goodput_horovod"}
 
 
 @pytest.mark.slow
