@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher import resources
+from launcher.args import COUNT, PORT, parse_hostfile
 from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
 from launcher.plan import DEFAULT_MASTER_PORT, parse_host
@@ -224,8 +225,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    from launcher.cli import COUNT, PORT, parse_hostfile  # cli imports this module
-
     p = _Parser(prog="python -m launcher preflight", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default: this machine)")

@@ -3,7 +3,7 @@
 ``a=1,2 b=x,y`` (and ``range()``, ``choice()``, ``glob()``) are expanded by Hydra itself: its override parser
 and its basic sweeper's cartesian product. Every member is composed and checked before anything starts (a bad
 value in any member is exit 2), then members run one after another through the single-run code path
-(``cli.run_one``) into ``SWEEP_DIR/<index>-<swept key=value,…>/``. A member that fails is recorded and the
+(``single.run_one``) into ``SWEEP_DIR/<index>-<swept key=value,…>/``. A member that fails is recorded and the
 sweep goes on; a rerun skips finished members and resumes the others from their checkpoints. ``--slurm``
 makes the members one job array instead. Other Hydra sweepers (``hydra/sweeper=optuna``): launcher/sweep_plugin.py.
 Files (members.json, member.json, summary.csv): launcher/sweep_record.py.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher import cli, resume
+from launcher import resume, single
 from launcher import sweep_record as record
 from launcher.backends import get_backend
 from launcher.config import compose_config
@@ -93,7 +93,7 @@ def check_launch(args: argparse.Namespace, sweep_dir: Path, member: dict[str, An
     """What a launch checks before it starts anything (flags, the plan, the backend), once, before the sweep writes
     anything: the same for every member. The dry run's printout is not wanted here."""
     with contextlib.redirect_stdout(io.StringIO()):
-        cli.run_one(member_args(args, sweep_dir, member, dry_run=True), [], cfg)
+        single.run_one(member_args(args, sweep_dir, member, dry_run=True), [], cfg)
     problem = get_backend(args.backend).check_available()
     if problem:
         raise UsageError(problem)
@@ -123,7 +123,7 @@ def run_member(args: argparse.Namespace, sweep_dir: Path, member: dict[str, Any]
     before = record.update_status(run_dir, member, status="running", exit_code="")
     started = time.monotonic()
     try:
-        code = cli.run_one(member_args(args, sweep_dir, member), [], cfg)
+        code = single.run_one(member_args(args, sweep_dir, member), [], cfg)
     except UsageError as e:  # a flag only the launch itself checks (the same for every member)
         if first:
             record.update_status(run_dir, member, status="pending")
@@ -160,20 +160,19 @@ def report(sweep_dir: Path, codes: dict[str, int], total: int) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, program: list[str]) -> int:
-    """``python -m launcher -m …``: expand, check every member, then run them here, one after another (or submit
-    one Slurm job array, or print them: --dry-run). See launcher/__init__.py, Sweeps."""
+def check_multirun(args: argparse.Namespace, program: list[str]) -> None:
+    """What every sweep (the grid here, a plugin's in sweep_plugin.py) refuses."""
     if program:
         raise UsageError("-m/--multirun sweeps config overrides of the built-in trainer, not a script after `--`")
     if args.max_parallel and not args.slurm:
         raise UsageError("--max-parallel applies to --slurm sweeps (a job array); here members run one after "
                          "another")
-    sweep_dir = cli.run_dir_of(args)
-    sweeper = sweeper_choice(args.overrides)
-    if sweeper not in (None, "basic"):
-        from launcher import sweep_plugin
 
-        return sweep_plugin.run(args, sweeper, sweep_dir)
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m launcher -m …`` (a grid): expand, check every member, then run them here, one after another (or
+    submit one Slurm job array, or print them: --dry-run). See launcher/__init__.py, Sweeps."""
+    sweep_dir = single.run_dir_of(args)
     if args.objective:
         raise UsageError("--objective is the value a sweeper plugin optimizes (hydra/sweeper=optuna); the grid "
                          "runs every member")
@@ -186,7 +185,7 @@ def run(args: argparse.Namespace, program: list[str]) -> int:
         print("".join(f"  {m['name']}: {shlex.join(m['overrides'])}\n" for m in members), end="")
         for m, cfg in zip(members, configs, strict=True):
             print(f"launcher: sweep member {m['name']} ({sweep_dir / m['name']}):", flush=True)
-            cli.run_one(member_args(args, sweep_dir, m), [], cfg)
+            single.run_one(member_args(args, sweep_dir, m), [], cfg)
         return 0
     check_launch(args, sweep_dir, members[0], configs[0])
     record.write_members(sweep_dir, members)
@@ -214,4 +213,4 @@ def submit_array(args: argparse.Namespace, sweep_dir: Path, members: list[dict[s
         record.write_summary(sweep_dir)
     whole = copy.copy(args)
     whole.run_dir, whole.overrides = sweep_dir, []  # each task adds its member's overrides
-    return cli.slurm_job(whole, [], array=array)
+    return single.slurm_job(whole, [], array=array)
