@@ -62,9 +62,9 @@ def test_dist_env_bad_value_names_the_variable() -> None:
 
 def test_no_stray_environ_reads() -> None:
     """Rank info is read from the environment once (train.py -> dist/env.py, rank.py at the rank's start); test
-    hooks once (testhooks.py); the launcher reads it at its edges (cli.py passes it to the pure planner,
-    supervisor.py to children)."""
-    allowed = {"env.py", "train.py", "rank.py", "testhooks.py", "mpi_env.py", "cli.py", "supervisor.py",
+    hooks once (testhooks.py); the launcher reads it at its edges (cli.py and single.py pass it to the pure
+    planner, supervisor.py to children)."""
+    allowed = {"env.py", "train.py", "rank.py", "testhooks.py", "mpi_env.py", "cli.py", "single.py", "supervisor.py",
                "probe.py"}  # probe.py: its own process on each host (python -m launcher.probe), gloo reads env
     offenders = [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")
                  if p.name not in allowed and ("os.environ" in p.read_text() or "os.getenv" in p.read_text())]
