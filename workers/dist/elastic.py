@@ -45,7 +45,7 @@ class ElasticComm(HorovodComm):
         self.run_dir = run_dir  # events.jsonl's
         # on one node each rank is a "host" of one slot (launcher/backends/horovodrun.py), so Horovod's local rank
         # is 0 for all: the GPU is the slot's line in the discovery hosts file
-        slots = _slots(run_dir / HOSTS_FILE) if run_dir is not None else []
+        slots = _slots(run_dir / HOSTS_FILE) if run_dir is not None else {}
         if host in slots and all(n == 1 for n in slots.values()):
             self.device = pick_device(list(slots).index(host))
         self.state: Any = None
@@ -53,7 +53,6 @@ class ElasticComm(HorovodComm):
         self.set_position: Callable[[int, dict[str, Any]], None] | None = None
         self.last_step_at = time.monotonic()
         self.reset_at: float | None = None  # a reset happened: the first step after it records the stall
-        self.resets = 0
         self.last_step = 0
 
     def register(self, get_position: Callable[[], Position], set_position: Callable[[int, dict[str, Any]], None]
@@ -119,7 +118,6 @@ class ElasticComm(HorovodComm):
 
     def _on_reset(self) -> None:
         self._refresh()
-        self.resets += 1
         self.reset_at = time.monotonic()
         if self.is_main:  # the state is back at the last commit: the steps since are trained again
             self.event("reset", self.state.step, size=self.world_size, redo=max(0, self.last_step - self.state.step))
