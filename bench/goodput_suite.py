@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Stat, bar_plot, scalars, table
 from launcher.procs import rank_pids
+from workers.events import read as events
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]
 
@@ -69,9 +70,10 @@ def group_pids(run_dir: Path) -> dict[int, int]:
     return found
 
 
-def elastic_pids(run_dir: Path) -> dict[int, int]:
-    """{Horovod rank at the worker's start: pid} of a Horovod Elastic run's live workers (a worker started again
-    takes the rank of the one it replaces, usually)."""
+def elastic_workers(run_dir: Path) -> dict[int, int]:
+    """{pid: Horovod rank at the worker's start} of a Horovod Elastic run's live workers (the built-in trainer or a
+    user's script; not horovodrun's task wrapper). A worker started again may take the start rank of one still
+    running."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -83,13 +85,19 @@ def elastic_pids(run_dir: Path) -> dict[int, int]:
             continue
         if env.get(b"LAUNCHER_RUN_DIR") == str(run_dir).encode() and b"HOROVOD_HOSTNAME" in env and state != "Z" \
                 and b"HOROVOD_RANK" in env:
-            found[int(env[b"HOROVOD_RANK"])] = int(proc.name)
+            found[int(proc.name)] = int(env[b"HOROVOD_RANK"])
     return found
 
 
+def elastic_pids(run_dir: Path) -> dict[int, int]:
+    """{start rank: pid}: whom a failure in the schedule kills."""
+    return {rank: pid for pid, rank in elastic_workers(run_dir).items()}
+
+
 def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[tuple[float, int, int]],
-               ft: bool, find: Callable[[Path], dict[int, int]] | None = None) -> dict[str, object]:
-    """One launcher run for ``window_s`` seconds; ``failures``: (seconds after the start, rank, signal)."""
+               find: Callable[[Path], dict[int, int]]) -> dict[str, object]:
+    """One launcher run for ``window_s`` seconds; ``failures``: (seconds after the start, rank, signal), the pid
+    of the rank from ``find``."""
     start = time.monotonic()
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 -- the launcher writes it until the end
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *extra,
@@ -99,7 +107,7 @@ def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[
     for at, rank, sig in failures:
         while time.monotonic() - start < at:
             time.sleep(0.05)
-        pid = (find or (group_pids if ft else rank_pids))(run_dir).get(rank)
+        pid = find(run_dir).get(rank)
         if pid is not None:
             os.kill(pid, sig)
             done.append({"at_s": round(time.monotonic() - start, 2), "rank": rank, "signal": signal.Signals(sig).name})
@@ -129,10 +137,6 @@ def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[
             "samples_per_s_median": statistics.median(rates) if rates else None,
             "output": (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")}
 
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 # the lm suite's CPU decoder (bench/suites.py), a step of ~50 ms on 2 CPU ranks here: torchft's fixed per-step
@@ -176,16 +180,17 @@ def goodput(repeats: int, tiny: bool) -> Result:
     times = [interval * (i + 1) for i in range(int(window // interval) - 1)]
     schedule = [(t, rng.randrange(2), signal.SIGSTOP if i == len(times) // 2 else signal.SIGKILL)
                 for i, t in enumerate(times)]
-    runs = {"plain": ([], [], False), "ft_no_failures": (["--fault-tolerant"], [], True),
-            "restart_all": (["--max-restarts", "20", "--hang-timeout", "3"], schedule, False),
+    runs = {"plain": ([], [], rank_pids), "ft_no_failures": (["--fault-tolerant"], [], group_pids),
+            "restart_all": (["--max-restarts", "20", "--hang-timeout", "3"], schedule, rank_pids),
             # the same restart budget: each group's own is 3 by default, and one rank takes 4 of the failures
-            "fault_tolerant": (["--fault-tolerant", "--max-restarts", "20", "--hang-timeout", "3"], schedule, True)}
+            "fault_tolerant": (["--fault-tolerant", "--max-restarts", "20", "--hang-timeout", "3"], schedule,
+                               group_pids)}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as d:
-        for name, (extra, failures, ft) in runs.items():
+        for name, (extra, failures, find) in runs.items():
             print(f"goodput: {name} ({window:g} s)", flush=True)
             run_dir = Path(d) / name
-            results[name] = run_window(run_dir, extra, window, failures, ft)
+            results[name] = run_window(run_dir, extra, window, failures, find)
             results[name]["events"] = events(run_dir)
     base = results["plain"]["samples"] or 1
     ft_events = results["fault_tolerant"]["events"]
@@ -249,7 +254,7 @@ def goodput_horovod(repeats: int, tiny: bool) -> Result:
     times = [interval * (i + 1) for i in range(int(window // interval) - 1)]
     schedule = [(t, rng.randrange(2), signal.SIGKILL) for t in times]
     hvd = ["--backend", "horovod"]
-    runs = {"horovod_plain": (hvd, [], None),
+    runs = {"horovod_plain": (hvd, [], rank_pids),
             "horovod_restart_all": ([*hvd, "--max-restarts", "20"], schedule, rank_pids),
             "horovod_elastic": ([*hvd, "--fault-tolerant"], schedule, elastic_pids)}
     results: dict[str, dict] = {}
@@ -257,7 +262,7 @@ def goodput_horovod(repeats: int, tiny: bool) -> Result:
         for name, (extra, failures, find) in runs.items():
             print(f"goodput: {name} ({window:g} s)", flush=True)
             run_dir = Path(d) / name
-            results[name] = run_window(run_dir, extra, window, failures, False, find)
+            results[name] = run_window(run_dir, extra, window, failures, find)
             results[name]["events"] = events(run_dir)
     elastic = results["horovod_elastic"]
     elastic["samples"] = samples_elastic(elastic["events"], int(elastic["step"]))  # type: ignore[arg-type]

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TOKEN_VAR, finish, run_processes, start, tb_scalars, token_processes, wait_for
 
+from bench.goodput_suite import elastic_pids, elastic_workers
 from launcher.commands import LaunchOptions
 from launcher.errors import UsageError
 from launcher.plan import plan_launch
+from workers.events import read as events
 
 has_horovod = shutil.which("horovodrun") is not None and importlib.util.find_spec("horovod") is not None
 needs_horovod = pytest.mark.skipif(not has_horovod, reason="needs horovod: bash scripts/install_horovod.sh")
@@ -73,44 +75,20 @@ def test_elastic_refuses_what_it_cannot_do(kw: dict, words: str) -> None:
 
 
 # -- real horovodrun -----------------------------------------------------------------------------------
-def worker_pids(run_dir: Path, program: str = "workers.train") -> dict[int, int]:
-    """{pid: Horovod rank at the worker's start} of the run's live worker processes (a worker that joins later
-    may start with the rank of one still running)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if not any(program.encode() in word for word in cmdline):
-                continue
-            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-        except OSError:
-            continue
-        mine = env.get(b"LAUNCHER_RUN_DIR") == str(run_dir).encode()
-        if mine and b"HOROVOD_RANK" in env and b"HOROVOD_HOSTNAME" in env:  # the worker, not horovodrun's wrapper
-            found[int(proc.name)] = int(env[b"HOROVOD_RANK"])
-    return found
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def kill_and_finish(run_dir: Path, victim: int) -> tuple[int, str, str, int]:
     """Start a slowed 2-worker elastic run, SIGKILL the worker that started as rank ``victim`` once training is
     under way, check that the other keeps its process through the reset; returns (code, out, err, survivor pid)."""
     proc = start(run_dir, "--backend", "horovod", "--fault-tolerant", "trainer.max_steps=600", "trainer.log_every=10",
                  "trainer.eval_every=1000", "trainer.checkpoint_every=50", env={"LAUNCHER_TEST_SLOW_STEP_S": "0.03"})
     try:
-        wait_for(lambda: len(worker_pids(run_dir)) == 2 and (run_dir / "checkpoints" / "step-00000050.json").exists())
-        pids = {rank: pid for pid, rank in worker_pids(run_dir).items()}
+        wait_for(lambda: len(elastic_workers(run_dir)) == 2
+                 and (run_dir / "checkpoints" / "step-00000050.json").exists())
+        pids = elastic_pids(run_dir)
         survivor = pids[1 - victim]
         os.kill(pids[victim], signal.SIGKILL)
         wait_for(lambda: any(e["kind"] == "resumed" and e["size"] == 1 for e in events(run_dir)))
         wait_for(lambda: any(e["kind"] == "resumed" and e["size"] == 2 for e in events(run_dir)))  # it rejoined
-        assert survivor in worker_pids(run_dir)  # the survivor never restarted
+        assert survivor in elastic_workers(run_dir)  # the survivor never restarted
         code, out, err = finish(proc)
     finally:
         if proc.poll() is None:
@@ -174,13 +152,13 @@ def test_users_own_elastic_script_runs_unmodified_and_survives_a_kill(tmp_path: 
     proc = start(tmp_path, "--backend", "horovod", "--fault-tolerant", "--", script, "--steps", "400",
                  "--sleep", "0.03")
     try:
-        wait_for(lambda: len(worker_pids(tmp_path, "train_elastic.py")) == 2)
+        wait_for(lambda: len(elastic_workers(tmp_path)) == 2)
         time.sleep(3)
-        pids = {rank: pid for pid, rank in worker_pids(tmp_path, "train_elastic.py").items()}
+        pids = elastic_pids(tmp_path)
         os.kill(pids[1], signal.SIGKILL)
-        wait_for(lambda: len(worker_pids(tmp_path, "train_elastic.py")) == 2 and pids[1] not in
-                 worker_pids(tmp_path, "train_elastic.py"))  # its slot started again
-        assert pids[0] in worker_pids(tmp_path, "train_elastic.py")
+        wait_for(lambda: len(elastic_workers(tmp_path)) == 2 and pids[1] not in
+                 elastic_workers(tmp_path))  # its slot started again
+        assert pids[0] in elastic_workers(tmp_path)
         code, out, err = finish(proc)
     finally:
         if proc.poll() is None:

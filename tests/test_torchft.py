@@ -23,6 +23,7 @@ from bench.goodput_suite import group_pids
 from launcher.backends import torchft as ft_backend
 from launcher.commands import LaunchOptions
 from launcher.plan import plan_launch
+from workers.events import read as events
 
 HAVE_TORCHFT = __import__("importlib").util.find_spec("torchft") is not None
 needs_torchft = pytest.mark.skipif(not HAVE_TORCHFT, reason="torchft is not installed (bash scripts/setup.sh --test)")
@@ -105,10 +106,6 @@ def group_pid(run_dir: Path, group: int) -> int | None:
     """The live rank process of ``group`` (the trainer, not its torchrun)."""
     return group_pids(run_dir).get(group)
 
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
