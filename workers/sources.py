@@ -80,11 +80,9 @@ class EpochSource:
 
     def next(self, step: int) -> Turn:
         trainer, asked = self.trainer, self.asked
-        # no log step for a while: a poll (a collective) of its own. Not under torchft, where a group that healed
-        # mid-window could not know when its peers poll, and every group must make the same collectives
-        # (nor under Horovod Elastic, where a worker that joins starts with the default interval)
-        if step - self.agreed_at >= self.poll_every and trainer.comm.name != "torchft" and \
-                not getattr(trainer.comm, "elastic", False):
+        # no log step for a while: a poll (a collective) of its own, where the comm allows it (not where a rank can
+        # start mid-window: every rank must make the same collectives)
+        if step - self.agreed_at >= self.poll_every and trainer.comm.signal_polls:
             asked, self.agreed_at = trainer.signals.poll(trainer.comm), step
         self.asked = Requests()
         return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,

@@ -30,6 +30,7 @@ class Comm(Protocol):
     local_world_size: int
     device: torch.device
     name: str
+    signal_polls: bool  # stop/save polls between log steps (workers/sources.py)
 
     @property
     def is_main(self) -> bool: ...

@@ -24,6 +24,9 @@ class SingleProcessComm:
     """World size 1: no process group, nothing to synchronise."""
 
     name = "single"
+    # the trainer's own stop/save polls between log steps (workers/sources.py). Off where a rank can start in the
+    # middle of a log window and could not know when its peers poll: torchft's heal, Horovod Elastic's join
+    signal_polls = True
 
     def __init__(self, env: DistEnv) -> None:
         self.rank, self.world_size, self.local_rank, self.local_world_size = 0, 1, env.local_rank, 1

@@ -38,6 +38,7 @@ def _slots(path: Path) -> dict[str, int]:
 
 class ElasticComm(HorovodComm):
     elastic = True
+    signal_polls = False  # a worker that joins starts with the default poll interval, its peers with theirs
 
     def __init__(self, commit_every: int, run_dir: Path | None, host: str) -> None:
         super().__init__()

@@ -39,6 +39,7 @@ CONNECT_TIMEOUT_S = 30.0
 
 class FTComm(SingleProcessComm):
     name = "torchft"
+    signal_polls = False  # a group that heals mid-window joins the peers' collectives at a step's start
 
     def __init__(self, env: DistEnv, environ: Mapping[str, str]) -> None:
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
