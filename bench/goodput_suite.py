@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import ROOT, Stat, bar_plot, scalars, table
-from launcher.procs import rank_pids
+from launcher.supervise.procs import rank_pids
 from workers.events import read as events
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]

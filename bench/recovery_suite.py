@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Stat, bar_plot, interleaved, table
 from bench.data_suite import Neighbours
-from launcher.procs import alive, rank_pids, started
+from launcher.supervise.procs import alive, rank_pids, started
 from workers.rank import backoff_ends
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]

@@ -231,8 +231,8 @@ def checkpoint(repeats: int, tiny: bool) -> Result:
     import torch
 
     from workers.checkpoint import CheckpointManager
-    from workers.dist.ddp import SingleProcessComm
-    from workers.dist.env import DistEnv
+    from workers.distributed.ddp import SingleProcessComm
+    from workers.distributed.env import DistEnv
 
     n = 512 if tiny else 5120  # 5120^2 floats = 105 MB
     device = "cuda" if torch.cuda.is_available() else "cpu"

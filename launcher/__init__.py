@@ -73,7 +73,7 @@ uuid, or the value already set in the launcher's environment (to find the run's 
 the launcher dies, even by SIGKILL, a watchdog stops the processes carrying it within seconds.
 
 Pre-flight (``python -m launcher preflight [--hosts …|--hostfile F]``, or ``--preflight`` before a launch):
-every host runs ``python -m launcher.probe`` over ssh at once (Python/torch/NCCL or gloo versions, GPUs,
+every host runs ``python -m launcher.preflight.probe`` over ssh at once (Python/torch/NCCL or gloo versions, GPUs,
 nvidia-smi ECC errors and kernel-log XIDs, the rendezvous port on the first host, a local all-reduce), then the
 first host all-reduces with each other one (gloo over TCP). A table; a host that is unreachable, differs in
 versions, lacks GPUs, has ECC errors or a hardware XID, holds the port, or is slow (at most half the median of

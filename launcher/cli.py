@@ -1,4 +1,4 @@
-"""Command line: parse, then dispatch: one run (single.py), a sweep (sweep.py, sweep_plugin.py), preflight. See
+"""Command line: parse, then dispatch: one run (single.py), a sweep (sweep/), preflight (preflight/). See
 launcher/__init__.py."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from launcher import __doc__ as MANUAL
 from launcher.args import COUNT, INDEX, NODES, PORT, SECONDS, number, parse_hostfile
 from launcher.backends import backend_names
-from launcher.config import DEFAULT_CONFIG_DIR
+from launcher.config.compose import DEFAULT_CONFIG_DIR
 from launcher.errors import UsageError
 from launcher.single import (
     STARTUP,
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a shell line run before training, e.g. --setup 'module load cuda' (repeatable)")
     sl.add_argument("--usr1-before", type=INDEX, default=120, metavar="S",
                     help="Slurm sends USR1 this many seconds before the time limit: checkpoint + requeue")
-    m = p.add_argument_group("sweeps (Hydra multirun: a=1,2 b=x,y runs every combination; launcher/sweep.py)")
+    m = p.add_argument_group("sweeps (Hydra multirun: a=1,2 b=x,y runs every combination; launcher/sweep/multirun.py)")
     m.add_argument("-m", "--multirun", action="store_true",
                    help="a sweep: one run per member in RUNS_ROOT/NAME/<member>/, with summary.csv")
     m.add_argument("--max-parallel", type=COUNT, default=None, metavar="K",
@@ -115,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    if argv[:1] == ["preflight"]:  # python -m launcher preflight [--hosts …]: launcher/preflight.py
-        from launcher import preflight  # here, like slurm_submit: a plain launch does not pay for their imports
+    if argv[:1] == ["preflight"]:  # python -m launcher preflight [--hosts …]: launcher/preflight/checks.py
+        from launcher.preflight import (
+            checks as preflight,  # here, like slurm_submit: a plain launch does not pay for their imports
+        )
 
         return preflight.main(argv[1:], os.environ)
     program: list[str] = []
@@ -139,12 +141,12 @@ def run(argv: list[str]) -> int:
     if program and program[0] != "-m" and not Path(program[0]).is_file():
         raise UsageError(f"script {program[0]} not found (working directory: {Path.cwd()})")
     if args.multirun:
-        from launcher import sweep
+        from launcher.sweep import multirun as sweep
 
         sweep.check_multirun(args, program)
         sweeper = sweep.sweeper_choice(args.overrides)
         if sweeper not in (None, "basic"):  # a Hydra sweeper plugin drives it
-            from launcher import sweep_plugin
+            from launcher.sweep import plugin as sweep_plugin
 
             return sweep_plugin.run(args, sweeper, run_dir_of(args))
         return sweep.run(args)

@@ -1,6 +1,6 @@
 """One run from parsed arguments: plan, checks, run directory, supervision (or sbatch, or srun per node).
 
-``python -m launcher`` (cli.py) parses and dispatches here; a sweep (sweep.py) runs each member through
+``python -m launcher`` (cli.py) parses and dispatches here; a sweep (sweep/multirun.py) runs each member through
 :func:`run_one`."""
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from launcher import compose_cache, job, resume, slurm_env
 from launcher.args import parse_hostfile
 from launcher.backends import get_backend, torchft
 from launcher.backends.horovodrun import check_elastic
-from launcher.commands import LaunchOptions
-from launcher.config import DEFAULT_CONFIG_DIR, compose_config
+from launcher.config import cache as compose_cache
+from launcher.config import resume
+from launcher.config.compose import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
-from launcher.plan import plan_launch
-from launcher.procs import TOKEN_VAR
-from launcher.ssh import check_hosts
+from launcher.plan.planner import plan_launch
+from launcher.plan.ssh import check_hosts
+from launcher.plan.types import LaunchOptions
+from launcher.slurm import env as slurm_env
+from launcher.supervise import job
+from launcher.supervise.procs import TOKEN_VAR
 
 # wall-clock times of the launcher's own start-up, phase by phase (record_startup)
 STARTUP: dict[str, float] = {}
@@ -116,7 +119,7 @@ def srun_each_node(alloc: slurm_env.Allocation, args: argparse.Namespace) -> int
 
 
 def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = None) -> int:
-    """One run from parsed arguments: a sweep member too (launcher/sweep.py), with its config composed already."""
+    """One run from parsed arguments: a sweep member too (sweep/multirun.py), with its config composed already."""
     if cfg is None and not program:
         cfg = compose_config(args.overrides, args.config_dir, cache=compose_cache.directory(os.environ))
         STARTUP["composed"] = time.time()
@@ -148,7 +151,7 @@ def run_one(args: argparse.Namespace, program: list[str], cfg: object | None = N
         print(f"launcher: Slurm job {alloc.job_id}, restart count {alloc.restart_count}, node {alloc.node_rank} of "
               f"{alloc.nodes}", flush=True)
     if args.preflight:
-        from launcher import preflight
+        from launcher.preflight import checks as preflight
 
         if code := preflight.gate(plan, os.environ):  # a failing or slow host: nothing starts
             return code
@@ -175,8 +178,8 @@ def record_startup(run_dir: Path) -> None:
 
 def slurm_job(args: argparse.Namespace, program: list[str], array: str | None = None) -> int:
     """Render the matching slurm/ template for these arguments and submit it (or print it: --dry-run).
-    ``array``: a sweep's ``0-N%K`` (launcher/sweep.py); the run directory is then the sweep's."""
-    from launcher import slurm_submit
+    ``array``: a sweep's ``0-N%K`` (launcher/sweep/multirun.py); the run directory is then the sweep's."""
+    from launcher.slurm import submit as slurm_submit
 
     run_dir = run_dir_of(args)
     forwarded = [*args.overrides, *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else []),

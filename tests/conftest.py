@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.procs import rank_pids  # noqa: F401 -- the tests' way to find ranks
+from launcher.supervise.procs import rank_pids  # noqa: F401 -- the tests' way to find ranks
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root, wherever pytest is started from
 LAUNCHER_TIMEOUT_S = 300.0  # a hung run fails the test instead of hanging the suite

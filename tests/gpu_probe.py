@@ -1,7 +1,7 @@
 """Helpers of tests/test_gpu.py that run inside the launcher's ranks.
 
 As a script (``python -m launcher --gpus N -- tests/gpu_probe.py OUT_DIR``): one DDP step of a tiny model on
-fixed seeds through the trainer's own Comm (``workers.dist.build_comm``: NCCL on CUDA, gloo on the CPU, with a
+fixed seeds through the trainer's own Comm (``workers.distributed.build_comm``: NCCL on CUDA, gloo on the CPU, with a
 process group even at world size 1), then each rank writes ``OUT_DIR/rank<R>.pt``: where it ran (LOCAL_RANK,
 ``torch.cuda.current_device()``, the parameters' device, the backend) and its gradients after the all-reduce.
 :func:`reference_grads` computes the same average in one process, for comparison.
@@ -77,8 +77,8 @@ class DropoutMLP(nn.Module):
 def main(out: Path) -> None:
     import torch.distributed as dist
 
-    from workers.dist import build_comm
-    from workers.dist.env import DistEnv
+    from workers.distributed import build_comm
+    from workers.distributed.env import DistEnv
 
     # fp32 matmuls on the GPU too (no TF32), so the gradients match the CPU's to float rounding
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_launcher
 
 from launcher.cli import main
-from launcher.config import compose_config
+from launcher.config.compose import compose_config
 from workers.config import to_yaml
 
 # A script that leaves a mark if anything ever runs it: proof that bad input started no rank.
@@ -211,9 +211,9 @@ def test_no_resume_twice_keeps_both_earlier_states(tmp_path: Path, monkeypatch: 
 
     BUG: prepare_run_dir names the aside directory by the second only and creates it with mkdir(parents=True)
     (no exist_ok, no unique suffix): the second launch dies with FileExistsError."""
-    from launcher.commands import LaunchOptions
-    from launcher.job import prepare_run_dir
-    from launcher.plan import plan_launch
+    from launcher.plan.planner import plan_launch
+    from launcher.plan.types import LaunchOptions
+    from launcher.supervise.job import prepare_run_dir
 
     run_dir = tmp_path / "run"
     plan = plan_launch(LaunchOptions(run_dir=run_dir, gpus=1), device_count=0, free_port=1, cpu_count=2,

@@ -153,8 +153,8 @@ def test_in_process_main_streams_rank_output_to_the_callers_stdout(tmp_path: Pat
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """`launcher.cli.main([...])` in-process: exit code returned, the ranks' lines reach sys.stdout *now*.
 
-    BUG: Supervisor.__init__(..., out=sys.stdout) binds the default at import time (launcher/supervisor.py),
-    so rank output goes to whatever sys.stdout was when launcher.supervisor was first imported, not to the
+    BUG: Supervisor.__init__(..., out=sys.stdout) binds the default at import time (launcher/supervise/supervisor.py),
+    so rank output goes to whatever sys.stdout was when launcher.supervise.supervisor was first imported, not to the
     caller's current sys.stdout (capsys, contextlib.redirect_stdout), while the launcher's own lines do."""
     script, out_dir = tmp_path / "plain.py", tmp_path / "out"
     script.write_text(TORCHRUN_SCRIPT)

@@ -70,7 +70,7 @@ def test_readme_shows_each_documented_command() -> None:
 def test_image_folder_config_dir_builds_on_the_builtin_defaults() -> None:
     """The example's conf/ includes the built-in `base` and overrides only what differs; built-in groups
     are still there to choose."""
-    from launcher.config import compose_config
+    from launcher.config.compose import compose_config
 
     builtin = compose_config([])
     own = compose_config(["data.root=/nowhere"], ROOT / "examples" / "image_folder" / "conf")

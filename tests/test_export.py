@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT, finish, launch, start
 from safetensors.torch import load_file, load_model
 
-from launcher.config import compose_config
+from launcher.config.compose import compose_config
 from workers import checkpoint as ck
 from workers.config import to_dict
 from workers.export import export

@@ -2,7 +2,7 @@
 
 Every rank writes RUN_DIR/attempts/<N>/rank<R>.{progress,exit.json,stacks} (workers/rank.py); the
 launcher reads them to name the first failing rank in failure.json, to find a stuck rank, and to
-decide on restarts (launcher/watch.py). No console text is parsed for any of it.
+decide on restarts (launcher/supervise/watch.py). No console text is parsed for any of it.
 """
 
 from __future__ import annotations

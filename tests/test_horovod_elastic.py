@@ -19,9 +19,9 @@ import pytest
 from conftest import ROOT, TOKEN_VAR, finish, run_processes, start, tb_scalars, token_processes, wait_for
 
 from bench.goodput_suite import elastic_pids, elastic_workers
-from launcher.commands import LaunchOptions
 from launcher.errors import UsageError
-from launcher.plan import plan_launch
+from launcher.plan.planner import plan_launch
+from launcher.plan.types import LaunchOptions
 from workers.events import read as events
 
 has_horovod = shutil.which("horovodrun") is not None and importlib.util.find_spec("horovod") is not None

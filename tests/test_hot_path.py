@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from launcher.config import DEFAULT_CONFIG_DIR, compose_config
+from launcher.config.compose import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
 from workers import config as schema
 from workers import task, trainer
 from workers.data.loader import TrainLoader
-from workers.dist.ddp import SingleProcessComm
-from workers.dist.env import DistEnv
+from workers.distributed.ddp import SingleProcessComm
+from workers.distributed.env import DistEnv
 from workers.optim import lr_at
 from workers.sources import SIGNAL_POLL_EVERY, EpochSource
 
@@ -251,12 +251,12 @@ def test_ranks_read_the_resolved_config_without_omegaconf(tmp_path: Path, overri
         assert out.stdout.strip() == "[]"
 
 
-# -- the compose cache (launcher/compose_cache.py) ----------------------------------------------------------------
+# -- the compose cache (launcher/config/cache.py) ----------------------------------------------------------------
 def test_a_cached_compose_is_the_same_config_without_hydra(tmp_path: Path) -> None:
     overrides = ["data=synthetic", "data.batch_size=64", "optimizer=sgd", "trainer.max_steps=9"]
     first = compose_config(overrides, cache=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 1 and compose_config(overrides, cache=tmp_path) == first
-    code = ("import sys\nfrom pathlib import Path\nfrom launcher.config import compose_config\n"
+    code = ("import sys\nfrom pathlib import Path\nfrom launcher.config.compose import compose_config\n"
             f"compose_config({overrides!r}, cache=Path({str(tmp_path)!r}))\n"
             "print(sorted(m for m in ('hydra', 'omegaconf', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -264,7 +264,7 @@ def test_a_cached_compose_is_the_same_config_without_hydra(tmp_path: Path) -> No
 
 
 def test_what_the_compose_cache_keys_on(tmp_path: Path) -> None:
-    from launcher import compose_cache
+    from launcher.config import cache as compose_cache
 
     conf = tmp_path / "conf"
     (conf / "model").mkdir(parents=True)

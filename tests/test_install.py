@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, finish
 
-from launcher import resources, slurm_submit
+from launcher import resources
 from launcher.cli import main
+from launcher.slurm import submit as slurm_submit
 
 # what a build never needs; a copy keeps the checkout free of build/ and *.egg-info, and the wheel free of
 # stale build/lib files (modules that have since moved)

@@ -122,7 +122,8 @@ def rank_processes(hosts: Hosts, node: int, run_dir: Path) -> dict[int, int]:
             environ = dict(e.split(b"=", 1) for e in raw if b"=" in e)
         except OSError:
             continue
-        if b"workers.train" in argv and b"torch.distributed.run" not in argv and b"launcher.node" not in argv \
+        if b"workers.train" in argv and b"torch.distributed.run" not in argv \
+                and b"launcher.supervise.node" not in argv \
                 and str(run_dir).encode() in argv and b"RANK" in environ:
             ranks[int(environ[b"RANK"])] = pid
     return ranks

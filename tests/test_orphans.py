@@ -31,9 +31,9 @@ from test_backends import needs_horovod, needs_mpi
 from test_multinode import long_fan_out, rank_processes, wait_until
 
 from launcher.cli import job_token
-from launcher.commands import LaunchOptions, LaunchPlan
-from launcher.plan import plan_launch
-from launcher.procs import started
+from launcher.plan.planner import plan_launch
+from launcher.plan.types import LaunchOptions, LaunchPlan
+from launcher.supervise.procs import started
 
 LONG = ["trainer.max_steps=1000000", "trainer.log_every=50", "trainer.eval_every=1000000",
         "trainer.checkpoint_every=1000000"]
@@ -149,7 +149,7 @@ def test_reaper_kills_what_ignores_sigterm_spares_the_older_and_stops_nothing_af
             assert victim.stdout.readline() == b"ready\n"
             since = started(victim.pid)
             assert since is not None and since > (started(older.pid) or since)
-            reaper = subprocess.Popen([sys.executable, "-m", "launcher.reaper", token, str(since)], cwd=ROOT,
+            reaper = subprocess.Popen([sys.executable, "-m", "launcher.supervise.reaper", token, str(since)], cwd=ROOT,
                                       stdin=subprocess.PIPE, stderr=subprocess.PIPE)
             assert reaper.stdin is not None
             if clean:
@@ -168,7 +168,7 @@ def test_reaper_kills_what_ignores_sigterm_spares_the_older_and_stops_nothing_af
 
 
 def agent_argv(*command: str) -> list[str]:
-    return [sys.executable, "-m", "launcher.node", "--", *command]
+    return [sys.executable, "-m", "launcher.supervise.node", "--", *command]
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def test_sigkilled_launcher_leaves_nothing_on_any_host(hosts: Hosts, tmp_path: P
                    len(rank_processes(hosts, 1, run_dir)) == 2 and (run_dir / "tb").exists())
         carriers = token_processes(token)
         clients = [p for p in carriers if argv(p).startswith("ssh ")]
-        agents = [p for p in carriers if "-m launcher.node" in argv(p) and p not in clients]
+        agents = [p for p in carriers if "-m launcher.supervise.node" in argv(p) and p not in clients]
         assert len(agents) == 2 and len(clients) == 2, "\n".join(argv(p) for p in carriers)
         remote = set(rank_processes(hosts, 1, run_dir).values())
         assert remote <= set(carriers)  # the token reached the ranks on the other host through ssh

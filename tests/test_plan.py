@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import parse_hostfile
-from launcher.commands import LaunchOptions
 from launcher.errors import UsageError
-from launcher.plan import DEFAULT_MASTER_PORT, plan_launch
+from launcher.plan.planner import DEFAULT_MASTER_PORT, plan_launch
+from launcher.plan.types import LaunchOptions
 
 RUN = Path("/runs/r1")
 PY = "/opt/venv/bin/python3"  # no runner beside it: the argv names horovodrun/mpirun, found on PATH
@@ -140,7 +140,7 @@ def test_bad_options_are_usage_errors(opts: dict, device_count: int, message: st
 def test_dash_m_without_a_module_is_a_usage_error() -> None:
     """`python -m launcher -- -m` (module name forgotten) must be exit 2, not a traceback.
 
-    BUG: LaunchPlan.rank_marker indexes program[1] and raises IndexError (launcher/plan.py, rank_marker)."""
+    BUG: LaunchPlan.rank_marker indexes program[1] and raises IndexError (launcher/plan/planner.py, rank_marker)."""
     with pytest.raises(UsageError, match="-m"):
         plan(gpus=2, program=("-m",))
 
@@ -164,7 +164,7 @@ def test_torchrun_fan_out_golden() -> None:
         assert words[0] == "env" and "NCCL_DEBUG=INFO" in words and "LAUNCHER_TEST_X=1" in words
         assert "HOME=/root" not in words  # only the launcher's NCCL_*/GLOO_*/TORCH*/… variables travel
         agent = words.index(PY)
-        assert words[agent:agent + 6] == [PY, "-m", "launcher.node", "--marker", "workers.train", "--"]
+        assert words[agent:agent + 6] == [PY, "-m", "launcher.supervise.node", "--marker", "workers.train", "--"]
         assert tuple(words[agent + 6:]) == torchrun_argv(2, nproc, i, "node1:29500", TRAINER, local_addr=host)
 
 

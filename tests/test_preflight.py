@@ -1,4 +1,4 @@
-"""Pre-flight (launcher/preflight.py, launcher/probe.py): the verdict on hand-made probe results; the real probe
+"""Pre-flight (launcher/preflight/: checks.py, probe.py): the verdict on hand-made probe results; the real probe
 on this machine; two network-namespace hosts, one behind a throttled link (tc)."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from conftest import ROOT, finish, run_launcher
 from netns_hosts import IFNAME, Hosts, two_hosts, why_not
 
 from launcher.cli import main as cli_main
-from launcher.preflight import judge, link_reference, rows, slow_ones, table
-from launcher.probe_hosts import Host, Target, gather, probe_argv
+from launcher.preflight.checks import judge, link_reference, rows, slow_ones, table
+from launcher.preflight.gather import Host, Target, gather, probe_argv
 
 
 def probe(**changes: Any) -> dict[str, Any]:
-    """A healthy CPU host's report, as launcher.probe prints it."""
+    """A healthy CPU host's report, as launcher.preflight.probe prints it."""
     return {"hostname": "h", "python": "3.11.7", "torch": "2.3.0", "cuda": False, "gpus": 0, "gpu_names": [],
             "nccl": None, "gloo": True, "ecc_errors": None, "xids": None, "port": None, "port_free": None,
             "free_port": 40000, "local_backend": "gloo", "local_ranks": 2, "local_gbps": 1.0, "local_error": None,
@@ -148,13 +148,14 @@ def test_remote_probe_runs_in_the_working_directory_with_the_forwarded_env(tmp_p
     remote = shlex.split(argv[-1])
     assert remote[:4] == ["cd", str(tmp_path / "my dir"), "&&", "exec"]
     assert remote[4:] == ["env", "GLOO_SOCKET_IFNAME=eth0", "PYTHONPATH=/src", "/opt/py bin/python", "-m",
-                          "launcher.probe", "--mb", "2"]
-    assert probe_argv(target, "localhost", ["--mb", "2"]) == ["/opt/py bin/python", "-m", "launcher.probe", "--mb", "2"]
+                          "launcher.preflight.probe", "--mb", "2"]
+    assert probe_argv(target, "localhost", ["--mb", "2"]) == ["/opt/py bin/python", "-m",
+                                                                 "launcher.preflight.probe", "--mb", "2"]
 
 
 FAKE_PROBE = """#!{python}
 import json, sys
-args = sys.argv[3:]  # after "-m launcher.probe"
+args = sys.argv[3:]  # after "-m launcher.preflight.probe"
 if {fail!r}:
     sys.exit("ModuleNotFoundError: No module named 'torch'")
 print("a login banner")  # not JSON: skipped
@@ -168,7 +169,7 @@ for line in sys.stdin:  # allreduce RANK ADDR PORT
 
 
 def fake_python(path: Path, fail: bool = False) -> str:
-    """An "interpreter" that answers ``-m launcher.probe`` like the probe does, without torch: every link 1 MB/s."""
+    """An "interpreter" that answers ``-m launcher.preflight.probe`` like the probe does, without torch: 1 MB/s."""
     path.write_text(FAKE_PROBE.format(python=sys.executable, fail=fail, report=probe()))
     path.chmod(0o755)
     return str(path)

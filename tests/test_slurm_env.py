@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 from launcher.errors import UsageError
-from launcher.slurm_env import Allocation, allocation, check_flags, expand_nodelist
+from launcher.slurm.env import Allocation, allocation, check_flags, expand_nodelist
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_launcher_inside_an_allocation_plans_from_slurm(tmp_path) -> None:  # no
 
 
 def test_outside_an_srun_step_is_told_from_one_task_per_node() -> None:
-    from launcher.slurm_env import outside_step
+    from launcher.slurm.env import outside_step
 
     salloc = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2"}
     alloc = allocation(salloc)

@@ -10,7 +10,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.errors import UsageError
-from launcher.slurm_submit import SlurmOptions, render, sbatch_lines, template_for
+from launcher.slurm.submit import SlurmOptions, render, sbatch_lines, template_for
 
 RUN = Path("/scratch/runs/r1")
 BASE = SlurmOptions(nodes=2, gpus_per_node=8, request_gpus=True, run_dir=RUN, python="/usr/bin/python3")

@@ -121,8 +121,8 @@ def test_config_keys_are_checked() -> None:
 
 def test_forward_waits_when_ddp_broadcasts_buffers(tmp_path: Path) -> None:
     """DDP (a real 1-rank gloo group) syncs BatchNorm statistics at the start of forward: not local time."""
-    from workers.dist.ddp import DDPComm, SingleProcessComm
-    from workers.dist.env import DistEnv
+    from workers.distributed.ddp import DDPComm, SingleProcessComm
+    from workers.distributed.env import DistEnv
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

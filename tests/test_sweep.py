@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import run_launcher
 
-from launcher import sweep_record
 from launcher.cli import main
-from launcher.config import DEFAULT_CONFIG_DIR
-from launcher.sweep import expand, member_name
+from launcher.config.compose import DEFAULT_CONFIG_DIR
+from launcher.sweep import record as sweep_record
+from launcher.sweep.multirun import expand, member_name
 
 TINY = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
 

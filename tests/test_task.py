@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from launcher.config import compose_config
+from launcher.config.compose import compose_config
 from workers import task
 from workers.data.loader import TrainLoader, loader_kwargs
 from workers.metrics import accuracy, cross_entropy
@@ -108,7 +108,7 @@ def test_loader_position_counts_taken_batches_and_resumes_there() -> None:
 
 
 def test_resume_check_tells_structural_from_harmless_changes() -> None:
-    from launcher.resume import changed_keys
+    from launcher.config.resume import changed_keys
 
     base = compose_config([])
     structural, harmless = changed_keys(base, compose_config(["model.hidden=64", "trainer.max_steps=9",

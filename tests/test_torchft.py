@@ -21,8 +21,8 @@ from conftest import ROOT, TOKEN_VAR, finish, start, tb_scalars, token_processes
 
 from bench.goodput_suite import group_pids
 from launcher.backends import torchft as ft_backend
-from launcher.commands import LaunchOptions
-from launcher.plan import plan_launch
+from launcher.plan.planner import plan_launch
+from launcher.plan.types import LaunchOptions
 from workers.events import read as events
 
 HAVE_TORCHFT = __import__("importlib").util.find_spec("torchft") is not None

@@ -10,14 +10,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launcher.config import compose_config
+from launcher.config.compose import compose_config
 from launcher.errors import UsageError
 from workers import checkpoint as ck
 from workers import config as schema
 from workers.config import to_yaml
 from workers.data.sampler import ResumableSampler
-from workers.dist.ddp import SingleProcessComm
-from workers.dist.env import DistEnv
+from workers.distributed.ddp import SingleProcessComm
+from workers.distributed.env import DistEnv
 from workers.optim import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_no_stray_environ_reads() -> None:
     hooks once (testhooks.py); the launcher reads it at its edges (cli.py and single.py pass it to the pure
     planner, supervisor.py to children)."""
     allowed = {"env.py", "train.py", "rank.py", "testhooks.py", "mpi_env.py", "cli.py", "single.py", "supervisor.py",
-               "probe.py"}  # probe.py: its own process on each host (python -m launcher.probe), gloo reads env
+               "probe.py"}  # probe.py: its own process on each host (-m launcher.preflight.probe), gloo reads env
     offenders = [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")
                  if p.name not in allowed and ("os.environ" in p.read_text() or "os.getenv" in p.read_text())]
     assert offenders == []
@@ -351,7 +351,7 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 # -- pre-flight -----------------------------------------------------------------------------------
 def test_preflight_finds_disagreeing_nodes() -> None:
-    from workers.dist.preflight import problems, table
+    from workers.distributed.topology import problems, table
 
     good = [{"rank": r, "local_rank": r % 2, "host": f"n{r // 2}", "gpus": 2, "torch": "2.13.0", "nccl": "2.21.5"}
             for r in range(4)]
@@ -410,9 +410,9 @@ def test_runner_rank_tags_become_rank_prefixes_even_mid_line(backend: str, tag0:
     import io
     import sys
 
-    from launcher.commands import Cmd, LaunchOptions
-    from launcher.plan import plan_launch
-    from launcher.supervisor import Supervisor
+    from launcher.plan.planner import plan_launch
+    from launcher.plan.types import Cmd, LaunchOptions
+    from launcher.supervise.supervisor import Supervisor
 
     plan = plan_launch(LaunchOptions(run_dir=Path("/r"), backend=backend, gpus=2), device_count=0, free_port=1,
                        cpu_count=2, python=sys.executable, env={}, is_root=False)

@@ -30,7 +30,7 @@ from conftest import (
     wait_for,
 )
 
-from launcher.config import compose_config
+from launcher.config.compose import compose_config
 from launcher.errors import UsageError
 
 TASK = textwrap.dedent('''

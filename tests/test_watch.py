@@ -1,4 +1,4 @@
-"""The launcher's watch over rank records (launcher/watch.py), on hand-written files: no processes."""
+"""The launcher's watch over rank records (launcher/supervise/watch.py), on hand-written files: no processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.watch import HANG_EXIT_CODE, Timeouts, Watch, describe
+from launcher.supervise.watch import HANG_EXIT_CODE, Timeouts, Watch, describe
 
 HOST = socket.gethostname()
 

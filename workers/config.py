@@ -75,7 +75,7 @@ class TrainerConfig:
     threads: int = MISSING
     straggler_factor: float = MISSING  # a rank's local step time above this times the median is behind
     straggler_windows: int = MISSING  # for this many consecutive log windows: named (workers/straggler.py)
-    elastic_commit_every: int = MISSING  # Horovod Elastic: steps between in-memory commits (workers/dist/elastic.py)
+    elastic_commit_every: int = MISSING  # Horovod Elastic: steps between in-memory commits (distributed/elastic.py)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "trainer.max_steps", self.max_steps, "an int >= 0")

@@ -1,7 +1,7 @@
 """RUN_DIR/events.jsonl: one JSON record per failure, drop, reset, rejoin or heal of a fault-tolerant run.
 
-Written by the ranks (workers/dist/ft.py under torchft, workers/dist/elastic.py under Horovod Elastic) and by the
-launcher (launcher/supervisor.py: a replica group's failure or hang); read by the closing summary and the goodput
+Written by the ranks (distributed/ft.py under torchft, distributed/elastic.py under Horovod Elastic) and by the
+launcher (supervise/supervisor.py: a replica group's failure or hang); read by the closing summary and the goodput
 bench. Every record has ``time``, ``kind`` and ``step``; each writer adds what it knows (``group``, ``rank``,
 ``stall_s``, ``size``...). One ``os.write`` of a whole line per record: appends from several processes interleave
 as whole lines."""

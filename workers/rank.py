@@ -4,7 +4,7 @@
 
 runs the program in this process, as ``python`` would (``__main__``, ``sys.argv``, the script's
 directory first on ``sys.path``), so a script written for torchrun runs unmodified; ``--mpi`` first
-sets torchrun's variables from MPI (workers/dist/mpi_env.py). The built-in trainer
+sets torchrun's variables from MPI (workers/distributed/mpi_env.py). The built-in trainer
 (``python -m workers.train``) does the same through :func:`run` without this wrapper.
 
 Files, in ``RUN_DIR/attempts/<N>/`` (N: torchrun's TORCHELASTIC_RESTART_COUNT, else the launcher's
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from workers import progress, testhooks
-from workers.dist.env import DistEnv
+from workers.distributed.env import DistEnv
 
 MAX_BACKOFF_S = 30.0
 PEER_WAIT_S = 3.0  # a rank whose peer died waits this long for the runner's stop (see finish)
@@ -233,12 +233,12 @@ def _run_program(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> NoReturn:
     if argv[:1] == ["--mpi"]:
-        from workers.dist.mpi_env import torchrun_env
+        from workers.distributed.mpi_env import torchrun_env
 
         os.environ.update(torchrun_env())
         argv = argv[1:]
     elif argv[:1] == ["--horovod"]:  # horovodrun's HOROVOD_* (or OMPI_*) -> torchrun's names
-        from workers.dist.env import torchrun_env as from_runner
+        from workers.distributed.env import torchrun_env as from_runner
 
         os.environ.update(from_runner(os.environ))
         argv = argv[1:]

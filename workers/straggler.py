@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from workers.dist.comm import Comm
+from workers.distributed.comm import Comm
 
 MIN_GAP_S = 1e-3  # a rank must be this much slower than the median, besides the factor
 MAX_LINES = 5  # ranks named per log step; more are counted in one line

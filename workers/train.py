@@ -5,7 +5,7 @@ Started by the launcher (through torchrun, horovodrun or mpirun) as::
     python -m workers.train --run-dir RUN_DIR [--comm auto|ddp|horovod]
 
 It reads ``RUN_DIR/config.yaml`` (written by the launcher, so every rank trains the same config),
-finds its rank from the environment (see workers/dist/env.py), resumes from the newest intact
+finds its rank from the environment (see workers/distributed/env.py), resumes from the newest intact
 checkpoint in ``RUN_DIR/checkpoints`` if there is one, and trains.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from workers import config, rank
-from workers.dist import build_comm
-from workers.dist.env import DistEnv
+from workers.distributed import build_comm
+from workers.distributed.env import DistEnv
 from workers.trainer import Trainer
 
 

@@ -28,8 +28,8 @@ from workers import checkpoint as ck
 from workers import progress, rank, task, testhooks
 from workers.config import Config, to_dict
 from workers.data.loader import TrainLoader, loader_kwargs, shard_loader, to_device
-from workers.dist import preflight
-from workers.dist.comm import Comm
+from workers.distributed import topology as preflight
+from workers.distributed.comm import Comm
 from workers.metrics import build_logger, flatten
 from workers.optim import lr_at, set_lr
 from workers.signals import SignalFlags
@@ -206,7 +206,7 @@ class Trainer:
 
     def load_healed(self, state: dict[str, Any]) -> None:
         """Take a live peer's state: its weights, optimizer and step, and the data position that goes with it (the
-        batches this group would have trained in the steps it missed are skipped: workers/dist/ft.py counts)."""
+        batches this group would have trained in the steps it missed are skipped: workers/distributed/ft.py counts)."""
         self.net.load_state_dict(state[ck.MODEL])
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
         self.reposition(int(state["step"]), state[ck.TRAIN_STATE])
@@ -298,10 +298,10 @@ class Trainer:
         if state is not None:
             self.restore(state)
         comm.broadcast_state(self.model, self.optimizer)
-        if comm.name == "torchft":  # a healing group gets this state from a live peer (workers/dist/ft.py)
+        if comm.name == "torchft":  # a healing group gets this state from a live peer (workers/distributed/ft.py)
             comm.register(self.heal_state, self.load_healed)
             comm.resume_at(self.step, state.get(FT_STATE) if state is not None else None)
-        if getattr(comm, "elastic", False):  # Horovod Elastic commits and restores it (workers/dist/elastic.py)
+        if getattr(comm, "elastic", False):  # Horovod Elastic commits and restores it (workers/distributed/elastic.py)
             comm.register(self.position, self.reposition)
         if state is None or not comm.is_main:  # rank 0 of a resumed run goes on with the generators it restored
             random.seed(cfg.seed + comm.rank + self.step)
@@ -382,7 +382,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         self.prepare()
-        return self.comm.drive(self.run)  # Horovod Elastic: run() again after each reset (workers/dist/elastic.py)
+        return self.comm.drive(self.run)  # Horovod Elastic: run() again after each reset (distributed/elastic.py)
 
     def run(self) -> dict[str, float]:
         """The loop, from ``self.step`` to the end, then the closing evaluation and line."""

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from launcher.commands import Cmd, LaunchPlan
 from launcher.errors import UsageError
+from launcher.plan.types import Cmd, LaunchPlan
 
 
 class Backend(Protocol):

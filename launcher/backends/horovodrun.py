@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from launcher.backends import find_runner, runner
-from launcher.commands import Cmd, LaunchPlan
+from launcher.plan.types import Cmd, LaunchPlan
 
 HOSTS_FILE = "elastic_hosts.txt"
 
@@ -75,7 +75,7 @@ class HorovodBackend:
         """The host discovery script horovodrun polls under --fault-tolerant: it prints the hosts file beside it,
         ``host:slots`` per line. Horovod Elastic takes a failed worker's whole host out of the job (its other
         workers too), so on one node each rank is a "host" of one slot under a name of its own for this machine
-        (:func:`local_names`); a worker finds its GPU by its name's line (workers/dist/elastic.py)."""
+        (:func:`local_names`); a worker finds its GPU by its name's line (workers/distributed/elastic.py)."""
         script = discovery_script(plan)
         hosts = plan.hosts or tuple((name, 1) for name in local_names()[:plan.nproc_per_node])
         (script.parent / HOSTS_FILE).write_text("".join(f"{h}:{n}\n" for h, n in hosts))

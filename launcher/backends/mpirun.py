@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from launcher.backends import find_runner, runner
-from launcher.commands import Cmd, LaunchPlan
+from launcher.plan.types import Cmd, LaunchPlan
 
 INSTALL_HINT = "HINT: apt-get install openmpi-bin libopenmpi-dev && pip install mpi4py"
 

@@ -8,7 +8,7 @@ the run (``Cmd.service``), stopped with the rest.
 
 Ranks get torchft's conventions, ``REPLICA_GROUP_ID``, ``NUM_REPLICA_GROUPS`` and ``TORCHFT_LIGHTHOUSE``, so a
 user's own torchft program runs unmodified after ``--``; the built-in trainer uses them through
-:mod:`workers.dist.ft`.
+:mod:`workers.distributed.ft`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from launcher.commands import Cmd, LaunchPlan
-from launcher.procs import TOKEN_VAR
+from launcher.plan.types import Cmd, LaunchPlan
+from launcher.supervise.procs import TOKEN_VAR
 
 # The lighthouse's clocks, chosen so that a healthy group stalls <= 1 s after a peer's SIGKILL on a 2-core
 # machine (0.55 s measured): a missed heartbeat for 500 ms drops a group from the quorum; a quorum waits

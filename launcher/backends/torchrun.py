@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.backends import torchft
-from launcher.commands import Cmd, LaunchPlan
-from launcher.ssh import ssh_node
+from launcher.plan.ssh import ssh_node
+from launcher.plan.types import Cmd, LaunchPlan
 
 # torchrun prefixes each teed line with this; ${rank} is the global rank
 LOG_LINE_PREFIX = "[rank${rank}]:"

@@ -21,8 +21,8 @@ from typing import Any
 import horovod.torch as hvd
 
 from workers import events
-from workers.dist.comm import pick_device
-from workers.dist.horovod import HorovodComm
+from workers.distributed.comm import pick_device
+from workers.distributed.horovod import HorovodComm
 
 Position = tuple[int, dict[str, Any]]
 HOSTS_FILE = "elastic_hosts.txt"  # launcher/backends/horovodrun.py writes it

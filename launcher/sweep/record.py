@@ -2,7 +2,7 @@
 ``member.json`` (each member's status, in its run directory) and ``summary.csv`` (one row per member).
 
 Everything is read back from files, so a local sweep, a rerun and the tasks of a Slurm job array (each
-calls ``python -m launcher.sweep_record start|end SWEEP_DIR INDEX …``, see launcher/slurm_submit.py) see the
+calls ``python -m launcher.sweep.record start|end SWEEP_DIR INDEX …``, see launcher/slurm/submit.py) see the
 same state. Imports stay light: the array task's ``start`` runs before the launcher does.
 """
 
@@ -157,9 +157,9 @@ def main(argv: list[str]) -> int:
             task_end(sweep_dir, index, int(argv[3]), argv[4] == "1")
             return 0
     except (IndexError, ValueError, KeyError, OSError) as e:
-        print(f"launcher.sweep_record: {' '.join(argv)}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"launcher.sweep.record: {' '.join(argv)}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    print(f"launcher.sweep_record: unknown command {argv[0]!r}", file=sys.stderr)
+    print(f"launcher.sweep.record: unknown command {argv[0]!r}", file=sys.stderr)
     return 2
 
 

@@ -1,4 +1,4 @@
-"""Run launcher/probe.py on every host at once (over ssh; this machine directly), then measure each host's link
+"""Run probe.py on every host at once (over ssh; this machine directly), then measure each host's link
 to the first host, one link at a time.
 
 The probes stay up after their report (``--serve``) and take link requests on stdin: the first host's probe is
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.ssh import ssh_argv
+from launcher.plan.ssh import ssh_argv
 
 LOCAL_NAMES = ("localhost", "127.0.0.1")  # reached without ssh, as in the launch
 PROBE_TIMEOUT_S = 150  # a host's report: torch imports on a busy machine plus the local all-reduce
@@ -47,16 +47,16 @@ class Host:
     name: str
     slots: int | None = None
     reachable: str = "yes"  # yes | no | local
-    probe: dict[str, Any] | None = None  # launcher.probe's report; None when it could not run
+    probe: dict[str, Any] | None = None  # launcher.preflight.probe's report; None when it could not run
     error: str = ""  # why there is no report
     link_gbps: float | None = None  # all-reduce with the first host
     link_error: str = ""
 
 
 def probe_argv(target: Target, host: str, args: Sequence[str]) -> list[str]:
-    """``python -m launcher.probe ARGS`` on ``host``: directly on this machine, else over ssh (one quoted string,
-    the working directory and the forwarded variables as for the launch: launcher/ssh.py)."""
-    inner = [target.python, "-m", "launcher.probe", *args]
+    """``-m launcher.preflight.probe ARGS`` on ``host``: directly on this machine, else over ssh (one quoted string,
+    the working directory and the forwarded variables as for the launch: launcher/plan/ssh.py)."""
+    inner = [target.python, "-m", "launcher.preflight.probe", *args]
     if target.local or host in LOCAL_NAMES:
         return inner
     env = [f"{k}={v}" for k, v in target.env.items()]

@@ -2,7 +2,7 @@
 
 The training loop only calls :class:`Comm` methods; it never names DDP or Horovod. The
 implementations live apart (``ddp.py``: single process and DDP; ``horovod.py``), and
-:func:`workers.dist.build_comm` picks one, importing ``horovod`` only when asked for.
+:func:`workers.distributed.build_comm` picks one, importing ``horovod`` only when asked for.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from launcher.backends import get_backend
 from launcher.backends.horovodrun import HorovodBackend
-from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
-from launcher.supervisor import Supervisor, not_restarting
-from launcher.watch import Timeouts, Watch
-from launcher.watch import describe as watch_describe
+from launcher.plan.types import LaunchPlan
+from launcher.supervise.supervisor import Supervisor, not_restarting
+from launcher.supervise.watch import Timeouts, Watch
+from launcher.supervise.watch import describe as watch_describe
 from workers.config import to_yaml
 
 

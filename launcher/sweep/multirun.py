@@ -5,8 +5,8 @@ and its basic sweeper's cartesian product. Every member is composed and checked 
 value in any member is exit 2), then members run one after another through the single-run code path
 (``single.run_one``) into ``SWEEP_DIR/<index>-<swept key=value,…>/``. A member that fails is recorded and the
 sweep goes on; a rerun skips finished members and resumes the others from their checkpoints. ``--slurm``
-makes the members one job array instead. Other Hydra sweepers (``hydra/sweeper=optuna``): launcher/sweep_plugin.py.
-Files (members.json, member.json, summary.csv): launcher/sweep_record.py.
+makes the members one job array instead. Other Hydra sweepers (``hydra/sweeper=optuna``): launcher/sweep/plugin.py.
+Files (members.json, member.json, summary.csv): launcher/sweep/record.py.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher import resume, single
-from launcher import sweep_record as record
+from launcher import single
 from launcher.backends import get_backend
-from launcher.config import compose_config
+from launcher.config import resume
+from launcher.config.compose import compose_config
 from launcher.errors import UsageError
+from launcher.sweep import record
 from workers import config as schema
 
 STOPPED = (130, 143)  # a member ended by SIGINT/SIGTERM: the user stopped the sweep, not just that member

@@ -43,7 +43,7 @@ class SlurmOptions:
     python: str
     args: tuple[str, ...] = field(default_factory=tuple)  # the launcher's arguments on every node
     backend: str = "torchrun"
-    array: str | None = None  # a sweep (launcher/sweep.py): one task per member of run_dir/members.json
+    array: str | None = None  # a sweep (launcher/sweep/multirun.py): one task per member of run_dir/members.json
 
 
 def _check(flag: str, value: str | None, pattern: re.Pattern[str]) -> None:
@@ -116,14 +116,14 @@ def render(template: str, o: SlurmOptions) -> str:
 # A sweep's array task: its member (run directory, then overrides) from SWEEP_DIR/members.json, as NUL-separated
 # words (no word is ever parsed by the shell); a member that finished in an earlier submission is skipped.
 SWEEP_TASK = [
-    'mapfile -d "" -t member < <("$PYTHON" -m launcher.sweep_record start "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID")',
+    'mapfile -d "" -t member < <("$PYTHON" -m launcher.sweep.record start "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID")',
     'if [ "${member[0]:-}" = skip ]; then echo "slurm: sweep member $SLURM_ARRAY_TASK_ID finished earlier"; exit 0; fi',
     '[ "${member[0]:-}" = run ] || { echo "slurm: no sweep member $SLURM_ARRAY_TASK_ID in $SWEEP_DIR" >&2; exit 2; }',
     'RUN_DIR=${member[1]}',
     'set -- "$@" "${member[@]:2}"',
 ]
 # how it ended (exit code, preempted) into its member.json, and summary.csv rewritten
-SWEEP_TASK_END = ['"$PYTHON" -m launcher.sweep_record end "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID" "$code" "$preempted" '
+SWEEP_TASK_END = ['"$PYTHON" -m launcher.sweep.record end "$SWEEP_DIR" "$SLURM_ARRAY_TASK_ID" "$code" "$preempted" '
                   '|| true']
 
 

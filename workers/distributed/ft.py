@@ -4,16 +4,14 @@ is formed every step, a group that died and came back heals from a live peer's s
 torchft's pieces do the work: :class:`torchft.Manager` (quorum, healing through its HTTP checkpoint transport,
 commit or discard of each step), its ``DistributedDataParallel`` (gradients averaged over the live groups) and its
 ``Optimizer`` wrapper (the step is applied only when every participant's all-reduce succeeded; ``zero_grad``,
-at a step's start, starts its quorum, which runs in the background while the forward pass does). What this adds: the trainer's
-state as the Manager's state dict, "rank 0" that moves with the quorum, and one line plus one
+at a step's start, starts its quorum, which runs in the background while the forward pass does). What this
+adds: the trainer's state as the Manager's state dict, "rank 0" that moves with the quorum, and one line plus one
 ``RUN_DIR/events.jsonl`` record per drop, rejoin, restart and heal.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -24,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.dist.comm import pick_device, unscale_clip_step
-from workers.dist.ddp import SingleProcessComm
 from workers import events
-from workers.dist.env import DistEnv
+from workers.distributed.comm import pick_device, unscale_clip_step
+from workers.distributed.ddp import SingleProcessComm
+from workers.distributed.env import DistEnv
 
 # Timeouts that fit the lighthouse's 500 ms heartbeat (launcher/backends/torchft.py): a collective with a dead
 # peer fails within a second, and the step is retried with the groups that are left.
@@ -51,7 +49,8 @@ class FTComm(SingleProcessComm):
         self.device = pick_device(env.local_rank)  # the launcher gave each group its own GPU (CUDA_VISIBLE_DEVICES)
         self.run_dir = Path(environ["LAUNCHER_RUN_DIR"]).parent.parent if "LAUNCHER_RUN_DIR" in environ else None
         pg_timeout = timedelta(seconds=PG_TIMEOUT_S)
-        pg = ProcessGroupNCCL(timeout=pg_timeout) if self.device.type == "cuda" else ProcessGroupGloo(timeout=pg_timeout)
+        pg_type = ProcessGroupNCCL if self.device.type == "cuda" else ProcessGroupGloo
+        pg = pg_type(timeout=pg_timeout)
         self.manager = Manager(pg=pg, load_state_dict=None, state_dict=None, min_replica_size=1,
                                replica_id=f"group_{self.group}", timeout=timedelta(seconds=MANAGER_TIMEOUT_S),
                                quorum_timeout=timedelta(seconds=QUORUM_TIMEOUT_S),

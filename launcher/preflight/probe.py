@@ -1,10 +1,10 @@
 """What ``python -m launcher preflight`` runs on each host (over ssh): one JSON line describing the host.
 
-``python -m launcher.probe [--port P] [--ranks N] [--mb M] [--loopback] [--serve]`` prints hostname, Python,
+``python -m launcher.preflight.probe [--port P] [--ranks N] [--mb M] [--loopback] [--serve]`` prints hostname, Python,
 torch, CUDA devices, NCCL and gloo, nvidia-smi's uncorrected ECC count and the kernel log's NVIDIA XIDs (where
 readable), whether the rendezvous port P is free, and the all-reduce bandwidth among N local processes (NCCL on
 the GPUs, else gloo over loopback; this process is rank 0). ``--loopback`` also measures gloo over loopback on a
-GPU host: the reference for a lone link (launcher/preflight.py).
+GPU host: the reference for a lone link (launcher/preflight/checks.py).
 
 ``--serve``: then stay, and for each line ``allreduce RANK ADDR PORT`` on stdin be that rank of a 2-process gloo
 all-reduce whose store is at ADDR:PORT (rank 0 hosts it), and answer one JSON line, ``{"gbps": …,
@@ -126,7 +126,7 @@ def allreduce(rank: int, world: int, addr: str, port: int, mb: float, device: st
 
 def start_peers(ranks: int, port: int, mb: float, device: str) -> list[subprocess.Popen]:
     """Ranks 1..N-1 of a local all-reduce on loopback, as child processes (this process is rank 0)."""
-    argv = [sys.executable, "-m", "launcher.probe", "allreduce", "--world", str(ranks), "--addr", "127.0.0.1",
+    argv = [sys.executable, "-m", "launcher.preflight.probe", "allreduce", "--world", str(ranks), "--addr", "127.0.0.1",
             "--port", str(port), "--mb", str(mb), "--device", device]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # this host's own loopback, whatever interface jobs use
     return [subprocess.Popen([*argv, "--rank", str(r)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -222,7 +222,7 @@ def serve(mb: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     signal.alarm(DEADLINE_S)  # SIGALRM's default action ends the process
-    p = argparse.ArgumentParser(prog="python -m launcher.probe")
+    p = argparse.ArgumentParser(prog="python -m launcher.preflight.probe")
     p.add_argument("--port", type=int, default=None, help="check that this rendezvous port is free")
     p.add_argument("--ranks", type=int, default=None, help="local all-reduce processes (GPU hosts)")
     p.add_argument("--mb", type=float, default=2.0, help="all-reduce message size in MB")

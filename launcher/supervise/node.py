@@ -1,6 +1,6 @@
 """Node agent: runs on each host of an ssh fan-out, around that node's command (torchrun, usually).
 
-    python -m launcher.node -- ARGV...
+    python -m launcher.supervise.node -- ARGV...
 
 It relays the command's output to ssh and reads one word per line from stdin, the launcher's
 control channel: ``TERM`` (stop: the ranks checkpoint and exit), ``KILL``, and ``RANKS SIGUSR1``
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from launcher.procs import GONE_GRACE_S, GRACE_S, kill_group, parent_death_signal, signal_ranks
+from launcher.supervise.procs import GONE_GRACE_S, GRACE_S, kill_group, parent_death_signal, signal_ranks
 
 
 def _relay(proc: subprocess.Popen) -> None:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        sys.exit("usage: python -m launcher.node [--marker WORD] -- ARGV...")
+        sys.exit("usage: python -m launcher.supervise.node [--marker WORD] -- ARGV...")
     parent = os.getppid()
     # no thread runs yet (preexec_fn is unsafe beside threads); this thread lives as long as the command
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

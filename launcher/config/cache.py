@@ -4,7 +4,7 @@ start-up, and the same overrides on the same config files compose to the same co
 Key: the overrides, every YAML file of the config directories (path and content), workers/config.py (the
 composition's own code) and the installed Hydra and OmegaConf. Value: the composed config as plain data and the
 built-in nodes left as shipped. A hit goes through the schema's dataclasses again (workers/config.py
-``from_plain``: no OmegaConf import) and the user's targets are checked as on every launch (launcher/config.py),
+``from_plain``: no OmegaConf import) and the user's targets are checked as on every launch (launcher/config/compose.py),
 so bad input is still exit 2 before anything starts. Not cached: files or overrides with a resolver
 (``${oc.env:…}``, ``${now:…}``: their value is not a function of the files) and ``hydra.*`` overrides (search
 paths, plugins). ``LAUNCHER_COMPOSE_CACHE=0`` turns it off; entries live in ``~/.cache/launcher/compose/``

@@ -19,7 +19,7 @@ class Cmd:
     env: Mapping[str, str] = field(default_factory=dict)
     name: str = "node0"  # prefix for this command's console lines when there are several
     rank_marker: str = ""  # an argv element only the rank processes have (their program), for SIGUSR1
-    remote: bool = False  # runs on another host over ssh; stdin is its control channel (launcher.node)
+    remote: bool = False  # runs on another host over ssh; stdin is its control channel (launcher.supervise.node)
     relabel: tuple[str, ...] = ()  # (regex, replacement): the runner's rank tag on a line -> "[rankN]:"
     service: bool = False  # serves the others (torchft's lighthouse): not waited for, stopped when they end
 

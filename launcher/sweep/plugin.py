@@ -2,7 +2,7 @@
 
 Such a sweeper proposes members from the results of earlier ones, so there is no list up front: Hydra's own
 API composes the Hydra config (``RunMode.MULTIRUN``) and instantiates the sweeper, and its ``launcher`` is
-replaced by :class:`MemberLauncher`, which runs each proposed member like a grid member (launcher/sweep.py:
+replaced by :class:`MemberLauncher`, which runs each proposed member like a grid member (launcher/sweep/multirun.py:
 its own run directory, checked, resumed, recorded) and hands back ``--objective`` from the member's
 result.json (``train/loss``: its TensorBoard) as the job's return value. Members run here, one after another;
 a job array cannot wait for results, so ``--slurm`` is refused.
@@ -19,10 +19,10 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from launcher import sweep
-from launcher import sweep_record as record
-from launcher.config import DEFAULT_CONFIG_DIR
+from launcher.config.compose import DEFAULT_CONFIG_DIR
 from launcher.errors import UsageError
+from launcher.sweep import multirun as sweep
+from launcher.sweep import record
 from workers import config as schema
 
 DEFAULT_OBJECTIVE = "test/loss"

@@ -12,10 +12,10 @@ from dataclasses import replace
 
 from launcher import resources
 from launcher.backends import get_backend
-from launcher.commands import LaunchOptions, LaunchPlan
 from launcher.errors import UsageError
-from launcher.procs import TOKEN_VAR
-from launcher.ssh import exported_env
+from launcher.plan.ssh import exported_env
+from launcher.plan.types import LaunchOptions, LaunchPlan
+from launcher.supervise.procs import TOKEN_VAR
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node must agree on it, so no random port
 
@@ -38,7 +38,7 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
                 python: str, env: Mapping[str, str], is_root: bool = False,
                 job_token: str | None = None) -> LaunchPlan:
     """Validate ``opts`` against the machine and build the plan (commands included). ``job_token``: the
-    run's LAUNCHER_JOB_TOKEN, which every process of the run inherits (launcher/reaper.py finds them by it)."""
+    run's LAUNCHER_JOB_TOKEN, which every process of the run inherits (the reaper finds them by it)."""
     backend = get_backend(opts.backend)
     gpus = opts.gpus if opts.gpus is not None else max(device_count, 1)
     if gpus < 1:

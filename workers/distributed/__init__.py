@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.dist.env` (workers/rank.py reads it)
+if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.distributed.env` (workers/rank.py reads it)
     from workers.config import DDPConfig
-    from workers.dist.comm import Comm
-    from workers.dist.env import DistEnv
+    from workers.distributed.comm import Comm
+    from workers.distributed.env import DistEnv
 
 
 def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: Mapping[str, str] | None = None,
@@ -18,21 +18,21 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: M
     """``kind``: auto | ddp | horovod | torchft. ``auto`` means DDP for several ranks, else a single process; under
     the launcher's ``--fault-tolerant`` (TORCHFT_LIGHTHOUSE in ``environ``) it means torchft. ``horovod`` under
     horovodrun's elastic mode (HOROVOD_ELASTIC=1) is Horovod Elastic, committing every ``commit_every`` steps."""
-    from workers.dist.ddp import DDPComm, SingleProcessComm
+    from workers.distributed.ddp import DDPComm, SingleProcessComm
 
     environ = environ or {}
     if kind == "torchft" or (kind == "auto" and "TORCHFT_LIGHTHOUSE" in environ):
-        from workers.dist.ft import FTComm  # lazy: torchft is needed by --fault-tolerant runs only
+        from workers.distributed.ft import FTComm  # lazy: torchft is needed by --fault-tolerant runs only
 
         return FTComm(env, environ)
 
     if kind == "horovod" and environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun in elastic mode
-        from workers.dist.elastic import ElasticComm
+        from workers.distributed.elastic import ElasticComm
 
         run_dir = Path(environ["LAUNCHER_RUN_DIR"]) if "LAUNCHER_RUN_DIR" in environ else None
         return ElasticComm(commit_every, run_dir, environ.get("HOROVOD_HOSTNAME", ""))
     if kind == "horovod":
-        from workers.dist.horovod import HorovodComm  # lazy: horovod is an optional extra
+        from workers.distributed.horovod import HorovodComm  # lazy: horovod is an optional extra
 
         return HorovodComm()
     if kind == "ddp" or (kind == "auto" and env.world_size > 1):

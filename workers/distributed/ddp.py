@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import datetime
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,8 +14,8 @@ from torch import nn
 from torch.distributed.rendezvous import rendezvous
 
 from workers.config import DDPConfig
-from workers.dist.comm import pick_device, unscale_clip_step
-from workers.dist.env import DistEnv
+from workers.distributed.comm import pick_device, unscale_clip_step
+from workers.distributed.env import DistEnv
 
 T = TypeVar("T")
 
@@ -51,11 +51,11 @@ class SingleProcessComm:
         return contextlib.nullcontext()
 
     def drive(self, loop: Callable[[], T]) -> T:
-        """Run the training loop; Horovod Elastic runs it again after each reset (workers/dist/elastic.py)."""
+        """Run the training loop; Horovod Elastic runs it again after each reset (workers/distributed/elastic.py)."""
         return loop()
 
     def committed_step(self, step: int) -> int:
-        """The step count after an optimizer step: ``step`` itself, except under torchft (workers/dist/ft.py)."""
+        """The step count after an optimizer step: ``step`` itself, except under torchft (workers/distributed/ft.py)."""
         return step
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float,

@@ -9,8 +9,8 @@ import horovod.torch as hvd
 import torch
 from torch import nn
 
-from workers.dist.comm import pick_device, unscale_clip_step
-from workers.dist.ddp import SingleProcessComm
+from workers.distributed.comm import pick_device, unscale_clip_step
+from workers.distributed.ddp import SingleProcessComm
 
 
 class HorovodComm(SingleProcessComm):

@@ -1,6 +1,6 @@
 """Pre-flight: ``python -m launcher preflight [--hosts …|--hostfile F]``, and ``--preflight`` before a launch.
 
-Every host runs ``python -m launcher.probe`` (over ssh, all at once; this machine without ssh): versions, GPUs
+Every host runs ``python -m launcher.preflight.probe`` (over ssh, all at once; this machine without ssh): versions, GPUs
 and their health, the rendezvous port, a local all-reduce. Then the first host all-reduces with each other host
 in turn (gloo over TCP, one rank on each: the link). judge() turns the results into problems, each naming
 its host and the fix; any problem is exit 2, and a launch with ``--preflight`` does not start.
@@ -26,12 +26,12 @@ from pathlib import Path
 
 from launcher import resources
 from launcher.args import COUNT, PORT, parse_hostfile
-from launcher.commands import LaunchPlan
 from launcher.errors import UsageError
-from launcher.plan import DEFAULT_MASTER_PORT, parse_host
-from launcher.probe import SERIOUS_XIDS  # no torch import: that is inside its functions
-from launcher.probe_hosts import Host, Target, gather
-from launcher.ssh import exported_env
+from launcher.plan.planner import DEFAULT_MASTER_PORT, parse_host
+from launcher.plan.ssh import exported_env
+from launcher.plan.types import LaunchPlan
+from launcher.preflight.gather import Host, Target, gather
+from launcher.preflight.probe import SERIOUS_XIDS  # no torch import: that is inside its functions
 
 SLOW = 0.5  # at most this fraction of the reference is slow (2x slower)
 # A lone link has no other link to be compared with, only gloo over the first host's loopback, and loopback is no
@@ -111,7 +111,7 @@ def judge(hosts: Sequence[Host]) -> list[Problem]:
                                  "another with --master-port"))
         if p.get("local_error"):
             found.append(Problem(h.name, "local all-reduce failed", f"{h.name}: {p['local_error']}. HINT: run "
-                                 f"`python -m launcher.probe` on {h.name} to see the whole error"))
+                                 f"`python -m launcher.preflight.probe` on {h.name} to see the whole error"))
     for backend in ("gloo", "nccl"):
         local = {h.name: h.probe["local_gbps"] for h in ok
                  if h.probe["local_backend"] == backend and h.probe["local_gbps"]}
@@ -239,7 +239,7 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     entries = [*(args.hosts.split(",") if args.hosts else []),
                *(parse_hostfile(args.hostfile) if args.hostfile else [])]
     hosts = tuple(parse_host(e, args.gpus)[:2] for e in entries)  # type: ignore[arg-type]  # None: slots not known
-    forwarded = exported_env(env)  # as a launch forwards them, and the checkout on the path (launcher.plan)
+    forwarded = exported_env(env)  # as a launch forwards them, and the checkout on the path (launcher.plan.planner)
     if pythonpath := resources.pythonpath(env):
         forwarded["PYTHONPATH"] = pythonpath
     target = Target(hosts=hosts or ((socket.gethostname(), args.gpus),),

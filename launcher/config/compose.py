@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from launcher import compose_cache, resources
+from launcher import resources
+from launcher.config import cache as compose_cache
 from launcher.errors import UsageError
 from workers import config as schema
 
@@ -17,7 +18,7 @@ def compose_config(overrides: list[str], config_dir: Path = DEFAULT_CONFIG_DIR,
     """configs/ + overrides -> a validated Config whose targets import and take their keys; any problem
     is a UsageError naming the key. Built-in presets as shipped are not imported (they are known to pass,
     and importing them would import torch into the launcher); every other target is, before anything starts.
-    ``cache``: a directory of composed configs (launcher/compose_cache.py): a hit skips Hydra altogether."""
+    ``cache``: a directory of composed configs (launcher/config/cache.py): a hit skips Hydra altogether."""
     if not (config_dir / "config.yaml").is_file():
         raise UsageError(f"no config.yaml in --config-dir {config_dir}")
     name = compose_cache.key(overrides, (config_dir, DEFAULT_CONFIG_DIR)) if cache else None

@@ -1,8 +1,8 @@
 """ssh fan-out: start each node's command on its host from one node, like DeepSpeed's multinode runner.
 
-Every host runs ``ssh HOST 'cd WORKDIR && exec env K=V… PYTHON -m launcher.node -- ARGV…'``: the
+Every host runs ``ssh HOST 'cd WORKDIR && exec env K=V… PYTHON -m launcher.supervise.node -- ARGV…'``: the
 same working directory (a shared filesystem, as on most clusters), the rank environment plus the
-launcher's own NCCL_*/GLOO_*/TORCH*/… variables, and :mod:`launcher.node` in front of the command so
+launcher's own NCCL_*/GLOO_*/TORCH*/… variables, and :mod:`launcher.supervise.node` in front of the command so
 the remote side obeys the launcher over ssh's stdin (stop, checkpoint-now, kill) and never outlives
 it. The remote command is one string, as ssh hands it to the remote shell: it is built with
 ``shlex.join`` from argv lists, never from user text pasted into a shell line.
@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from launcher.commands import Cmd, LaunchPlan
 from launcher.errors import UsageError
-from launcher.procs import TOKEN_VAR
+from launcher.plan.types import Cmd, LaunchPlan
+from launcher.supervise.procs import TOKEN_VAR
 
 # the launcher's own variables that every remote rank gets too (DeepSpeed exports a similar list)
 EXPORTED_PREFIXES = ("NCCL_", "GLOO_", "TORCH", "CUDA_", "OMP_", "MKL_", "PYTHON", "LAUNCHER_", "HOROVOD_",
@@ -41,7 +41,7 @@ def ssh_argv(host: str, *, config: Path | None, timeout: int) -> list[str]:
 def remote_command(argv: Sequence[str], *, workdir: Path, python: str, env: Mapping[str, str],
                    marker: str) -> str:
     """The string ssh runs on the host: the node agent around ``argv``, every word quoted."""
-    inner = ["env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "launcher.node", "--marker", marker,
+    inner = ["env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "launcher.supervise.node", "--marker", marker,
              "--", *argv]
     return f"cd {shlex.quote(str(workdir))} && exec {shlex.join(inner)}"
 
@@ -50,7 +50,7 @@ def ssh_node(plan: LaunchPlan, host: str, cmd: Cmd) -> Cmd:
     """``cmd`` (one node's part of the job) run on ``host`` over ssh, under the node agent."""
     env = {**plan.forwarded_env, **cmd.env, "LAUNCHER_HOST": host}  # the ranks name their host as the launcher does
     remote = remote_command(cmd.argv, workdir=plan.workdir, python=plan.python, env=env, marker=cmd.rank_marker)
-    # the ssh client is a process of the run too: it carries the run's token (launcher/reaper.py)
+    # the ssh client is a process of the run too: it carries the run's token (launcher/supervise/reaper.py)
     token = {TOKEN_VAR: env[TOKEN_VAR]} if TOKEN_VAR in env else {}
     return Cmd(argv=(*ssh_argv(host, config=plan.ssh_config, timeout=plan.ssh_timeout), remote), env=token,
                name=host, rank_marker=cmd.rank_marker, remote=True)

@@ -14,10 +14,10 @@ from collections import deque
 from pathlib import Path
 from typing import TextIO
 
-from launcher.commands import Cmd
-from launcher.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
-from launcher.reaper import Reaper
-from launcher.watch import Watch, describe
+from launcher.plan.types import Cmd
+from launcher.supervise.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
+from launcher.supervise.reaper import Reaper
+from launcher.supervise.watch import Watch, describe
 from workers import events
 
 WATCH_EVERY_S = 0.5  # how often the rank records are read
@@ -27,7 +27,7 @@ TAIL_LINES = 20  # of the runners' output, for a failure without rank records
 
 def group_event(cmd: Cmd, kind: str, step: object, **facts: object) -> None:
     """The launcher's record of a replica group's failure or hang in RUN_DIR/events.jsonl, beside the ranks' own
-    (workers/dist/ft.py)."""
+    (workers/distributed/ft.py)."""
     run_dir = Path(cmd.env["LAUNCHER_RUN_DIR"]).parent.parent  # RUN_DIR/groups/G
     events.append(run_dir, kind, step, group=int(cmd.env["REPLICA_GROUP_ID"]), rank=0, by="launcher", **facts)
 
@@ -49,7 +49,7 @@ class Supervisor:
         self.ranks_killed_at: float | None = None  # after a hang: the runners get a moment to exit on their own
         self.killed_ranks: set[int] = set()  # the local rank processes killed then
         self.procs: list[subprocess.Popen] = []
-        self.output: deque[str] = deque(maxlen=TAIL_LINES)  # shown when no rank left a record (launcher/job.py)
+        self.output: deque[str] = deque(maxlen=TAIL_LINES)  # shown when no rank left a record (job.py)
         self.failed: list[Cmd] = []  # commands that failed on their own (not stopped by us), in order
         self.signals: list[int] = []
         self.deadline: float | None = None  # set once termination starts; SIGKILL after it
@@ -107,7 +107,7 @@ class Supervisor:
 
     @staticmethod
     def _send(proc: subprocess.Popen, word: str) -> None:
-        """A word on a remote node's control channel (ssh's stdin, read by launcher.node)."""
+        """A word on a remote node's control channel (ssh's stdin, read by launcher.supervise.node)."""
         with contextlib.suppress(OSError, ValueError):
             assert proc.stdin is not None
             proc.stdin.write(word + "\n")

@@ -1,6 +1,6 @@
 """Watchdog: however the launcher ends — SIGKILL, the OOM killer, a crash — no process of its run outlives it.
 
-    python -m launcher.reaper TOKEN SINCE        (stdin: a pipe only the launcher writes to)
+    python -m launcher.supervise.reaper TOKEN SINCE        (stdin: a pipe only the launcher writes to)
 
 The supervisor starts it before any command, in a session of its own (a Ctrl-C or a kill of the launcher's
 process group does not reach it), and keeps the pipe's write end. ``done`` on the pipe: the launcher stopped its
@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 
 from launcher import resources
-from launcher.procs import GONE_GRACE_S, TOKEN_VAR, signal_pids, started, token_pids
+from launcher.supervise.procs import GONE_GRACE_S, TOKEN_VAR, signal_pids, started, token_pids
 
 GIVE_UP_S = GONE_GRACE_S + 5.0  # bounded: a process stuck in the kernel (D state) survives even SIGKILL
 SCAN_EVERY_S = 0.1
@@ -36,10 +36,10 @@ class Reaper:
 
     def __init__(self, token: str, env: Mapping[str, str]) -> None:
         read, self._write = os.pipe()  # neither end is inherited by the commands the supervisor starts later
-        path = resources.pythonpath(env)  # the ranks' import path: `-m launcher.reaper` from any directory
+        path = resources.pythonpath(env)  # the ranks' import path: `-m launcher.supervise.reaper` from any directory
         child_env = {k: v for k, v in env.items() if k != TOKEN_VAR} | ({"PYTHONPATH": path} if path else {})
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "launcher.reaper", token,
+            self.proc = subprocess.Popen([sys.executable, "-m", "launcher.supervise.reaper", token,
                                           str(started(os.getpid()) or 0)], stdin=read,
                                          stdout=subprocess.DEVNULL, env=child_env, start_new_session=True)
         finally:
@@ -70,7 +70,7 @@ def reap(token: str, since: int = 0, grace_s: float = GONE_GRACE_S, give_up_s: f
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[0] or not argv[1].isdigit():
-        sys.exit("usage: python -m launcher.reaper TOKEN SINCE   (stdin: the launcher's pipe)")
+        sys.exit("usage: python -m launcher.supervise.reaper TOKEN SINCE   (stdin: the launcher's pipe)")
     token, since = argv[0], int(argv[1])
     for sig in (signal.SIGINT, signal.SIGHUP):  # a terminal's signals are for the launcher, not its watchdog
         signal.signal(sig, signal.SIG_IGN)
