@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 python3 -m ruff check .
-python3 -m pytest -q "$@"
+python3 -m pytest -q --durations=15 "$@"  # the 15 slowest: where the suite's time goes
