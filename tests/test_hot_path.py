@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from launcher.config import hydra as composition
 from launcher.config.compose import DEFAULT_CONFIG_DIR, compose_config
 from launcher.errors import UsageError
 from workers import config as schema
@@ -213,7 +214,7 @@ PRESETS = [(m, d) for m in ("mlp", "gpt") for d in ("digits", "synthetic", "synt
 def test_every_shipped_preset_passes_the_check_it_skips(model: str, data: str, optimizer: str) -> None:
     overrides = [f"model={model}", f"data={data}", f"optimizer={optimizer}"]
     shipped: set[str] = set()
-    cfg = schema.compose(overrides, DEFAULT_CONFIG_DIR, builtin=DEFAULT_CONFIG_DIR, shipped=shipped)
+    cfg = composition.compose(overrides, DEFAULT_CONFIG_DIR, builtin=DEFAULT_CONFIG_DIR, shipped=shipped)
     task.check(cfg)  # what the launcher skips for `shipped` passes
     assert {"data", "loss", "optimizer", "metrics.accuracy"} <= shipped
     assert ("model" in shipped) == (model == "mlp")  # gpt's vocab comes from data: always checked
@@ -279,6 +280,26 @@ def test_what_the_compose_cache_keys_on(tmp_path: Path) -> None:
     (conf / "model" / "net.yaml").write_text("_target_: my.Net\nwidth: ${now:%S}\n")
     assert compose_cache.key(["model=net"], [conf, DEFAULT_CONFIG_DIR]) is None
     assert compose_cache.directory({"LAUNCHER_COMPOSE_CACHE": "0"}) is None
+
+
+def test_the_compose_cache_keys_on_the_composition_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema and the Hydra compose are in the key as the files Python imports (a stale path would hash as
+    missing, and a changed schema would hit an old entry)."""
+    from launcher.config import cache as compose_cache
+
+    assert (Path(schema.__file__), Path(composition.__file__)) == compose_cache.CODE
+    assert all(path.is_file() for path in compose_cache.CODE)
+    key = compose_cache.key([], [DEFAULT_CONFIG_DIR])
+    copies = []
+    for path in compose_cache.CODE:
+        copies.append(tmp_path / path.name)
+        copies[-1].write_bytes(path.read_bytes())
+    monkeypatch.setattr(compose_cache, "CODE", tuple(copies))
+    assert compose_cache.key([], [DEFAULT_CONFIG_DIR]) == key  # the same content: the same entry
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes() + b"\n# changed\n")
+        assert compose_cache.key([], [DEFAULT_CONFIG_DIR]) != key
+        key = compose_cache.key([], [DEFAULT_CONFIG_DIR])
 
 
 def test_a_cache_hit_still_checks_the_users_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

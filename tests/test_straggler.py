@@ -14,8 +14,9 @@ import torch.distributed as dist
 from conftest import ROOT, finish, start, tb_scalars
 from torch import nn
 
+from launcher.config.hydra import compose
 from workers import testhooks
-from workers.config import ConfigError, compose
+from workers.config import ConfigError
 from workers.straggler import MAX_LINES, StragglerDetector, forward_waits, median
 
 MS = 1e-3

@@ -1,4 +1,4 @@
-"""The training config: composed from ``configs/`` with Hydra, checked against the schema here.
+"""The training config's schema: the dataclasses the ranks read, their checks, and YAML in and out.
 
 Defaults live in one place, the YAML files of ``configs/`` (``config.yaml`` and one directory per
 group). The dataclasses below only give types and checks; none of their fields has a default, so a
@@ -8,11 +8,11 @@ The user's parts are Hydra ``_target_`` nodes — ``model``, ``data``, ``loss``,
 entry of ``metrics`` — whose other keys are passed to the target (see workers/task.py). A few keys of
 ``data`` and ``optimizer`` are the trainer's own (``DATA_KEYS``, ``OPTIMIZER_KEYS``) and are not passed.
 
-The launcher composes once (:func:`compose`), checks the targets (workers/task.py) and writes the
-resolved YAML into the run directory; every rank loads that file with :func:`load_resolved`, which
-takes a few milliseconds and needs neither Hydra nor OmegaConf (whose import alone costs a rank a
-twentieth of a second before its first step): OmegaConf is imported only where a config is composed
-or checked against the schema.
+The launcher composes once with Hydra (launcher/config/hydra.py, which checks the result here with
+:func:`from_container`), checks the targets (workers/task.py) and writes the resolved YAML into the run
+directory; every rank loads that file with :func:`load_resolved`, which takes a few milliseconds and needs
+neither Hydra nor OmegaConf (whose import alone costs a rank a twentieth of a second before its first
+step): OmegaConf is imported only where a config is checked against the schema.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 # keys of `data` and `optimizer` that the trainer reads itself; every other key goes to the target
 DATA_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
 OPTIMIZER_KEYS = ("scale_lr_with_world_size", "decay_norms_and_biases")
-# `_target_` nodes: switching a node's target on the command line drops the keys its preset gave
-# (they belong to the old target), except these, which mean the same for any target
-TARGET_NODES = {"model": (), "data": DATA_KEYS, "loss": (), "optimizer": ("lr", "weight_decay", *OPTIMIZER_KEYS)}
 
 
 @dataclass
@@ -244,92 +241,3 @@ def from_plain(d: dict[str, Any]) -> Config:
     return Config(model=d["model"], data=d["data"], loss=d["loss"], metrics=d["metrics"], optimizer=d["optimizer"],
                   schedule=ScheduleConfig(**d["schedule"]), trainer=TrainerConfig(**d["trainer"]),
                   ddp=DDPConfig(**d["ddp"]), online=OnlineConfig(**d["online"]), seed=d["seed"], mode=d["mode"])
-
-
-def _key(override: str) -> str:
-    """The dotted key an override sets: `++model.depth=3` -> `model.depth`."""
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def _explicit(overrides: list[str], node: str) -> set[str]:
-    """Keys of `node` set on the command line (node.key=…, +node.key=…, ++node.key=…)."""
-    keys = set()
-    for o in overrides:
-        key = _key(o)
-        if key.startswith(node + "."):
-            keys.add(key[len(node) + 1 :].split(".", 1)[0])
-    return keys
-
-
-def _shipped(raw: Any, overrides: list[str], groups: set[str]) -> set[str]:
-    """The `_target_` nodes of a config composed from the built-in ``configs/`` alone that are one of its presets
-    exactly as shipped: a target of ours (``workers.*``, ``torch.*``); no key of the node set on the command line
-    but the trainer's own (``TARGET_NODES``: the loader's, the LR), which do not change what its check sees; and
-    no interpolation, whose value comes from elsewhere (gpt's ``vocab: ${data.vocab_size}``). Choosing a preset
-    (``model=gpt``, one of ``groups``) keeps it shipped. Such a node's check (workers/task.py: import, signature,
-    a meta build) is known to pass; the check would import torch into the launcher for nothing."""
-    from omegaconf import OmegaConf
-
-    keys = {_key(o) for o in overrides}
-    if any(k.split(".")[0] == "hydra" for k in keys):  # e.g. a search path of the user's: groups may be theirs
-        return set()
-    out = set()
-    for node in [*TARGET_NODES, *(f"metrics.{name}" for name in raw.get("metrics") or {})]:
-        value = OmegaConf.select(raw, node)
-        if not OmegaConf.is_dict(value):
-            continue
-        value = OmegaConf.to_container(value, resolve=False)
-        own = TARGET_NODES.get(node, ())
-        set_here = [k for k in keys if (k == node and node not in groups)
-                    or (k.startswith(node + ".") and k[len(node) + 1 :].split(".")[0] not in own)]
-        ours = str(value.get("_target_", "")).startswith(("workers.", "torch."))
-        if ours and not set_here and "${" not in str(value):
-            out.add(node)
-    return out
-
-
-def _user_overrides(overrides: list[str]) -> list[str]:
-    """`model.depth=3` adds depth when the preset lacks it: a `_target_` node takes whatever its target does
-    (the target's signature is checked later), so the `+` Hydra would want is written for the user."""
-    nodes = (*TARGET_NODES, "metrics")
-    return [f"++{o}" if o[:1] not in "+~" and "=" in o and "." in _key(o) and _key(o).split(".", 1)[0] in nodes
-            else o for o in overrides]
-
-
-def compose(overrides: list[str], config_dir: Path, builtin: Path | None = None,
-            shipped: set[str] | None = None) -> Config:
-    """``configs/`` + command-line overrides -> a checked Config (Hydra, composed once).
-
-    ``builtin``: the built-in config directory, put on Hydra's search path behind ``config_dir`` (a user's
-    ``--config-dir``), whose ``config.yaml`` can then include ``base`` and pick built-in groups.
-
-    When an override changes a node's ``_target_`` (``model._target_=my_pkg.Net``), the keys the
-    group's preset gave for its own target are dropped, so only the keys written on the command line
-    (and the trainer's own, ``TARGET_NODES``) reach the new target.
-
-    ``shipped``: when given, filled with the ``_target_`` nodes that are a built-in preset exactly as
-    shipped (see :func:`_shipped`), which the launcher need not import and check before starting."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    user = _user_overrides(overrides)
-    if builtin is not None and builtin.resolve() != config_dir.resolve():
-        user.append(f"hydra.searchpath=['file://{builtin.resolve()}']")
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
-        raw = hydra_compose(config_name="config", overrides=user)
-        composed = OmegaConf.to_container(raw, resolve=True)
-        if shipped is not None and builtin is not None and builtin.resolve() == config_dir.resolve():
-            shipped.update(_shipped(raw, overrides, groups={d.name for d in builtin.iterdir() if d.is_dir()}))
-        switched = [n for n in TARGET_NODES if f"{n}._target_" in {_key(o) for o in user}]
-        if switched:  # the presets without the command line's keys for those nodes: what to drop
-            base_overrides = [o for o in user if "." not in _key(o) or _key(o).split(".", 1)[0] not in switched]
-            base = OmegaConf.to_container(hydra_compose(config_name="config", overrides=base_overrides), resolve=True)
-    assert isinstance(composed, dict)
-    if "metrics={}" in overrides:  # Hydra merges a dict into a dict: `{}` here means "no metrics"
-        composed["metrics"] = {}
-    for node in switched:
-        keep = {"_target_", *TARGET_NODES[node], *_explicit(overrides, node)}
-        preset = base.get(node) or {}  # type: ignore[union-attr]
-        composed[node] = {k: v for k, v in composed[node].items() if k in keep or k not in preset}
-    return from_container(composed)

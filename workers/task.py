@@ -89,7 +89,7 @@ def check(cfg: Config, skip: Iterable[str] = ()) -> None:
     """Plan-time check of every target: imports, is callable, accepts its keys. Then the model is built on
     the meta device (shapes only, no memory: a 70B model costs what a small one does) and loss/metric
     classes are constructed, so a constructor that raises is caught here too. Data is not loaded.
-    ``skip``: nodes known to pass (built-in presets as shipped, workers/config.py ``_shipped``); when that is
+    ``skip``: nodes known to pass (built-in presets as shipped, launcher/config/hydra.py ``_shipped``); when that is
     all of them, nothing is imported (torch neither)."""
     keys = [key for key in _nodes(cfg) if key not in skip]
     if not keys:

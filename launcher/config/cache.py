@@ -1,14 +1,14 @@
 """Composed configs, cached: importing Hydra and composing take a quarter of a second, most of the launcher's own
 start-up, and the same overrides on the same config files compose to the same config every time.
 
-Key: the overrides, every YAML file of the config directories (path and content), workers/config.py (the
-composition's own code) and the installed Hydra and OmegaConf. Value: the composed config as plain data and the
-built-in nodes left as shipped. A hit goes through the schema's dataclasses again (workers/config.py
-``from_plain``: no OmegaConf import) and the user's targets are checked as on every launch (launcher/config/compose.py),
-so bad input is still exit 2 before anything starts. Not cached: files or overrides with a resolver
-(``${oc.env:…}``, ``${now:…}``: their value is not a function of the files) and ``hydra.*`` overrides (search
-paths, plugins). ``LAUNCHER_COMPOSE_CACHE=0`` turns it off; entries live in ``~/.cache/launcher/compose/``
-(``$XDG_CACHE_HOME``), the newest ``KEEP`` of them.
+Key: the overrides, every YAML file of the config directories (path and content), the composition's own code
+(``CODE``: workers/config.py and launcher/config/hydra.py, found by import) and the installed Hydra and OmegaConf.
+Value: the composed config as plain data and the built-in nodes left as shipped. A hit goes through the schema's
+dataclasses again (workers/config.py ``from_plain``: no OmegaConf import) and the user's targets are checked as on
+every launch (launcher/config/compose.py), so bad input is still exit 2 before anything starts. Not cached: files or
+overrides with a resolver (``${oc.env:…}``, ``${now:…}``: their value is not a function of the files) and
+``hydra.*`` overrides (search paths, plugins). ``LAUNCHER_COMPOSE_CACHE=0`` turns it off; entries live in
+``~/.cache/launcher/compose/`` (``$XDG_CACHE_HOME``), the newest ``KEEP`` of them.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from launcher.config import hydra as composition
+from workers import config as schema
+
 KEEP = 256  # entries; older ones are removed when a new one is written
 MAX_FILES = 500  # a config directory with more YAML files than this is not hashed on every launch: not cached
 RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")  # ${name:...}: a resolver call, e.g. ${oc.env:HOME}
-SCHEMA = Path(__file__).resolve().parent.parent / "workers" / "config.py"
+# what a composed config is a function of besides the files: found by import, so a move cannot leave a stale path
+CODE = tuple(Path(module.__file__ or "-") for module in (schema, composition))
 
 
 def directory(env: Mapping[str, str]) -> Path | None:
@@ -41,7 +45,7 @@ def key(overrides: list[str], config_dirs: Iterable[Path]) -> str | None:
     if any(RESOLVER.search(o) or o.lstrip("+~").startswith("hydra") for o in overrides):
         return None
     h = hashlib.sha256(json.dumps(overrides).encode())
-    for source in (SCHEMA, *(_installed(name) for name in ("hydra", "omegaconf"))):
+    for source in (*CODE, *(_installed(name) for name in ("hydra", "omegaconf"))):
         h.update(source.read_bytes() if source.is_file() else b"-")
     for root in sorted({d.resolve() for d in config_dirs}):
         files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())

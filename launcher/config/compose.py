@@ -7,6 +7,7 @@ from pathlib import Path
 
 from launcher import resources
 from launcher.config import cache as compose_cache
+from launcher.config import hydra as composition
 from launcher.errors import UsageError
 from workers import config as schema
 
@@ -41,7 +42,7 @@ def _compose(overrides: list[str], config_dir: Path) -> tuple[schema.Config, set
 
     shipped: set[str] = set()
     try:
-        cfg = schema.compose(overrides, config_dir, builtin=DEFAULT_CONFIG_DIR, shipped=shipped)
+        cfg = composition.compose(overrides, config_dir, builtin=DEFAULT_CONFIG_DIR, shipped=shipped)
     # Hydra raises plain ValueErrors too (e.g. `schedule=1`: a group choice that is not a name)
     except (HydraException, OmegaConfBaseException, schema.ConfigError, ValueError, TypeError, KeyError) as e:
         lines = [ln.strip().rstrip(".") for ln in str(e).strip().splitlines()[:2] if ln.strip()]

@@ -20,6 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
 from launcher.config.compose import DEFAULT_CONFIG_DIR
+from launcher.config.hydra import user_overrides
 from launcher.errors import UsageError
 from launcher.sweep import multirun as sweep
 from launcher.sweep import record
@@ -125,7 +126,7 @@ def compose_sweeper(args: argparse.Namespace, name: str, sweep_dir: Path, launch
     try:
         # the `++` a _target_ node's new keys need (compose_config adds it too); this compose leaves sweeps out
         parsed = OverridesParser.create().parse_overrides(args.overrides)
-        overrides = [o if p.is_sweep_override() else schema._user_overrides([o])[0]
+        overrides = [o if p.is_sweep_override() else user_overrides([o])[0]
                      for o, p in zip(args.overrides, parsed, strict=True)]
         if args.config_dir.resolve() != DEFAULT_CONFIG_DIR.resolve():
             overrides.append(f"hydra.searchpath=['file://{DEFAULT_CONFIG_DIR.resolve()}']")
