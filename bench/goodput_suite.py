@@ -25,7 +25,6 @@ healthy groups never restart, counted from events.jsonl).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -40,6 +39,8 @@ from pathlib import Path
 
 from bench.common import ROOT, Stat, bar_plot, scalars, table
 from launcher.supervise.procs import rank_pids
+from workers import contract
+from workers.contract import failure as failure_record
 from workers.events import read as events
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]
@@ -62,8 +63,8 @@ def group_pids(run_dir: Path) -> dict[int, int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"workers.train" in argv and b"torch.distributed.run" not in argv and str(run_dir).encode() in argv \
-                and state != "Z":
+        if contract.TRAINER_MODULE.encode() in argv and b"torch.distributed.run" not in argv \
+                and str(run_dir).encode() in argv and state != "Z":
             group = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"REPLICA_GROUP_ID=")), None)
             if group is not None:
                 found[int(group)] = int(proc.name)
@@ -128,10 +129,11 @@ def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[
     missed = int(state.get("torchft", {}).get("group_steps_missed", 0))
     rates = [v for _, v, _ in scalars(run_dir, "perf/samples_per_s")][1:] if (run_dir / "tb").exists() else []
     failure_steps = []  # restart-all: the step each attempt failed at (the launcher's failure records)
-    for folder in sorted((run_dir / "attempts").glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1):
-        record = folder / "failure.json"
-        if record.exists() and (at := json.loads(record.read_text()).get("step")) is not None:
-            failure_steps.append(int(at))
+    attempts = contract.attempts_dir(run_dir).glob("*")
+    for folder in sorted(attempts, key=lambda f: int(f.name) if f.name.isdigit() else -1):
+        record = failure_record.read(contract.failure_file(folder))
+        if record is not None and record.step is not None:
+            failure_steps.append(int(record.step))
     return {"step": step, "group_steps_missed": missed, "failure_steps": failure_steps,
             "samples": (step * 2 - missed) * 64, "failures": done,
             "samples_per_s_median": statistics.median(rates) if rates else None,

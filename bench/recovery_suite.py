@@ -39,6 +39,8 @@ from pathlib import Path
 from bench.common import ROOT, Stat, bar_plot, interleaved, table
 from bench.data_suite import Neighbours
 from launcher.supervise.procs import alive, rank_pids, started
+from workers import contract
+from workers.contract import failure as failure_record
 from workers.rank import backoff_ends
 
 Result = tuple[dict[str, object], Callable[[Path], None], str]
@@ -153,7 +155,9 @@ def kill_once(backoff: float, steps: int, timelines: list[dict[str, float]]) -> 
         code, _ = run.wait()
         if code != 0:
             raise RuntimeError(f"the restarted run failed (exit {code}):\n{run.tail()}")
-        failure = _json(run_dir / "attempts" / "0" / "failure.json")
+        failure = failure_record.read(contract.failure_file(contract.attempt_dir(run_dir, 0)))
+        if failure is None or failure.recovered_after_s is None:
+            raise RuntimeError(f"no recovery in attempt 0's failure record:\n{run.tail()}")
         first = min(_json(p)["first_step_at"] for p in new.glob("rank*.progress"))
         setup = min(p.stat().st_mtime for p in new.glob("rank*.stacks"))  # created in setup(), then left empty
         ranks_line = run.first("out", "[rank0]:ranks:", killed)
@@ -163,13 +167,13 @@ def kill_once(backoff: float, steps: int, timelines: list[dict[str, float]]) -> 
         if None in marks:
             raise RuntimeError(f"incomplete restart timeline {marks}:\n{run.tail()}")
         timeline = dict(zip(PHASES, (b - a for a, b in zip([killed, *marks], marks, strict=False)), strict=True))
-        timeline["launcher_detect"] = failure["at"] - killed  # the start of recovered_after_s's clock
+        timeline["launcher_detect"] = failure.at - killed  # the start of recovered_after_s's clock
         timeline["kill_to_first_step"] = first - killed
         # for scale: the same launch's own start, launcher to first step (no checkpoint to load)
         timeline["fresh_launch"] = min(_json(p)["first_step_at"] for p in (run_dir / "attempts" / "0").glob(
             "rank*.progress")) - run.started
         timelines.append(timeline)
-        return float(failure["recovered_after_s"])
+        return float(failure.recovered_after_s)
 
 
 def hang_once(steps: int, timelines: list[dict[str, float]]) -> float:
@@ -188,11 +192,12 @@ def hang_once(steps: int, timelines: list[dict[str, float]]) -> float:
             time.sleep(0.05)
         code, ended = run.wait()
         summary = run.first("err", "launcher: hang:")
-        folder = run_dir / "attempts" / "0"
-        if summary is None or code != 124 or not (folder / "failure.json").exists():
+        folder = contract.attempt_dir(run_dir, 0)
+        failure = failure_record.read(contract.failure_file(folder))
+        if summary is None or code != 124 or failure is None:
             raise RuntimeError(f"expected a hang report and exit 124, got exit {code}:\n{run.tail()}")
-        failure = _json(folder / "failure.json")
-        stalled_from = _json(folder / f"rank{failure['rank']}.progress")["at"]  # the hung rank's last record
+        hung = contract.rank_file(folder, failure.rank, contract.PROGRESS)
+        stalled_from = _json(hung)["at"]  # the hung rank's last record
         # after the summary: stacks (SIGUSR2) and SIGKILL to the ranks, torchrun sees them die ("failed (exitcode"
         # on its output) and exits, then the launcher prints its own report and exits
         # torchrun's line comes on another pipe than the summary: its arrival here is not ordered with it

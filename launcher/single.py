@@ -31,6 +31,7 @@ from launcher.plan.types import LaunchOptions
 from launcher.slurm import env as slurm_env
 from launcher.supervise import job
 from launcher.supervise.procs import TOKEN_VAR
+from workers import contract
 
 # wall-clock times of the launcher's own start-up, phase by phase (record_startup)
 STARTUP: dict[str, float] = {}
@@ -47,7 +48,7 @@ def job_token(env: Mapping[str, str]) -> str:
     fresh one. Not one inherited from another run's rank (LAUNCHER_RUN_DIR set too): this run's watchdog would
     stop that run as well."""
     given = env.get(TOKEN_VAR, "")
-    return given if given and "LAUNCHER_RUN_DIR" not in env else uuid.uuid4().hex
+    return given if given and contract.RUN_DIR_ENV not in env else uuid.uuid4().hex
 
 
 def cuda_device_count() -> int:
@@ -172,7 +173,7 @@ def record_startup(run_dir: Path) -> None:
     user's targets), made the plan (and its pre-flight checks), and written the run directory — ``spawned``,
     plan.json's time: the runner starts right after it. ``python -m bench overhead`` prints the phases."""
     with contextlib.suppress(OSError):  # a report, not part of the run
-        marks = {**STARTUP, "spawned": (run_dir / "plan.json").stat().st_mtime}
+        marks = {**STARTUP, "spawned": contract.plan_file(run_dir).stat().st_mtime}
         (run_dir / "startup.json").write_text(json.dumps(marks, indent=1))
 
 

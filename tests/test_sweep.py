@@ -19,6 +19,7 @@ from launcher.cli import main
 from launcher.config.compose import DEFAULT_CONFIG_DIR
 from launcher.sweep import record as sweep_record
 from launcher.sweep.multirun import expand, member_name
+from launcher.sweep.record import Member
 
 TINY = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
 
@@ -37,24 +38,24 @@ def one_line_error(err: str, message: str) -> None:
 def test_grid_is_hydras_cartesian_product_in_order() -> None:
     members = expand(["optimizer.lr=1e-3,3e-3", "model.hidden=range(64,129,64)", "trainer.max_steps=5"],
                      DEFAULT_CONFIG_DIR)
-    assert [m["overrides"] for m in members] == [
+    assert [m.overrides for m in members] == [
         ["optimizer.lr=0.001", "model.hidden=64", "trainer.max_steps=5"],
         ["optimizer.lr=0.001", "model.hidden=128", "trainer.max_steps=5"],
         ["optimizer.lr=0.003", "model.hidden=64", "trainer.max_steps=5"],
         ["optimizer.lr=0.003", "model.hidden=128", "trainer.max_steps=5"]]
-    assert [m["name"] for m in members] == ["0-optimizer.lr=0.001,model.hidden=64",
-                                             "1-optimizer.lr=0.001,model.hidden=128",
-                                             "2-optimizer.lr=0.003,model.hidden=64",
-                                             "3-optimizer.lr=0.003,model.hidden=128"]
-    assert members[3]["params"] == {"optimizer.lr": "0.003", "model.hidden": "128"}  # the swept keys only
+    assert [m.name for m in members] == ["0-optimizer.lr=0.001,model.hidden=64",
+                                         "1-optimizer.lr=0.001,model.hidden=128",
+                                         "2-optimizer.lr=0.003,model.hidden=64",
+                                         "3-optimizer.lr=0.003,model.hidden=128"]
+    assert members[3].params == {"optimizer.lr": "0.003", "model.hidden": "128"}  # the swept keys only
 
 
 def test_glob_and_choice_use_the_config_groups() -> None:
     members = expand(["optimizer=glob(adam*)", "++model.note=choice(a,'b c')"], DEFAULT_CONFIG_DIR)
-    assert [m["params"] for m in members] == [
+    assert [m.params for m in members] == [
         {"optimizer": "adam", "model.note": "a"}, {"optimizer": "adam", "model.note": "b\\ c"},
         {"optimizer": "adamw", "model.note": "a"}, {"optimizer": "adamw", "model.note": "b\\ c"}]
-    assert members[1]["name"] == "1-optimizer=adam,model.note=b__c"  # no backslash or space in a directory name
+    assert members[1].name == "1-optimizer=adam,model.note=b__c"  # no backslash or space in a directory name
 
 
 def test_member_names_are_safe_directory_names() -> None:
@@ -144,8 +145,8 @@ def test_array_task_reads_its_member_quoted_and_skips_a_finished_one(tmp_path: P
     sweep_dir = tmp_path / "sweep dir;$(touch pwned)"
     hostile = ["data.path=/tmp/a b", "x=$(touch pwned)", "y=`id`;rm -rf ~", "z='q'\"d\""]
     sweep_record.write_members(sweep_dir, [
-        {"index": 0, "name": "0-a", "overrides": hostile, "params": {}, "max_steps": 5},
-        {"index": 1, "name": "1-b", "overrides": ["trainer.max_steps=5"], "params": {}, "max_steps": 5}])
+        Member(index=0, name="0-a", overrides=hostile, max_steps=5),
+        Member(index=1, name="1-b", overrides=["trainer.max_steps=5"], max_steps=5)])
     (sweep_dir / "1-b").mkdir()
     (sweep_dir / "1-b" / "result.json").write_text(json.dumps({"step": 5}))
     assert main(["--slurm", "-m", "--dry-run", "--run-dir", str(tmp_path / "x"), "optimizer.lr=1e-3,3e-3"]) == 0
@@ -174,9 +175,13 @@ def test_array_task_reads_its_member_quoted_and_skips_a_finished_one(tmp_path: P
 
 
 def test_summary_rows_from_member_files(tmp_path: Path) -> None:
-    listed = [{"index": i, "name": f"{i}-lr={lr}", "overrides": [f"optimizer.lr={lr}"], "params": {"optimizer.lr": lr},
-               "max_steps": 10} for i, lr in enumerate(("0.1", "0.2", "0.3"))]
+    listed = [Member(index=i, name=f"{i}-lr={lr}", overrides=[f"optimizer.lr={lr}"], params={"optimizer.lr": lr},
+                     max_steps=10) for i, lr in enumerate(("0.1", "0.2", "0.3"))]
     sweep_record.write_members(tmp_path, listed)
+    on_disk = json.loads((tmp_path / "members.json").read_text())  # the format array tasks and reruns read
+    assert on_disk["members"][2] == {"index": 2, "name": "2-lr=0.3", "overrides": ["optimizer.lr=0.3"],
+                                     "params": {"optimizer.lr": "0.3"}, "max_steps": 10}
+    assert sweep_record.members(tmp_path) == listed
     sweep_record.update_status(tmp_path / "0-lr=0.1", listed[0], status="finished", exit_code=0, wall_s=12.34)
     (tmp_path / "0-lr=0.1" / "result.json").write_text(json.dumps({"step": 10, "test/loss": 0.5,
                                                                    "test/accuracy": 0.75}))

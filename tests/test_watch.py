@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from launcher.supervise.watch import HANG_EXIT_CODE, Timeouts, Watch, describe
+from workers.contract.failure import Failure
+from workers.contract.failure import read as read_failure
 
 HOST = socket.gethostname()
 
@@ -38,7 +40,7 @@ def test_the_first_own_failure_wins_over_earlier_consequences(tmp_path: Path) ->
     watch = Watch(tmp_path, Timeouts(), world_size=3)
     watch.poll()
     record = watch.conclude()
-    assert record is not None and (record["rank"], record["exit_code"], record["reason"]) == (1, 3, "exit")
+    assert record is not None and (record.rank, record.exit_code, record.reason) == (1, 3, "exit")
     assert json.loads((tmp_path / "failure.json").read_text())["rank"] == 1
     assert "rank 1 failed (exit code 3)" in describe(record, hosts=False)
 
@@ -50,7 +52,7 @@ def test_a_rank_gone_without_an_exit_record_is_a_sigkill(tmp_path: Path) -> None
     watch = Watch(tmp_path, Timeouts(), world_size=2)
     watch.poll()
     record = watch.failure()
-    assert record is not None and (record["rank"], record["signal"], record["exit_code"]) == (1, "SIGKILL", 137)
+    assert record is not None and (record.rank, record.signal, record.exit_code) == (1, "SIGKILL", 137)
 
 
 def test_a_clean_attempt_has_no_failure(tmp_path: Path) -> None:
@@ -93,7 +95,33 @@ def test_recovery_is_measured_from_the_failure_to_the_next_first_step(tmp_path: 
     watch.poll()
     progress(tmp_path, 1, 0, phase="init", steps=0, first_step_at=0.0)
     assert watch.poll() == 0  # attempt 0 ended: a newer one began
-    assert "recovered_after_s" not in watch.failures[0]
+    assert watch.failures[0].recovered_after_s is None
     progress(tmp_path, 1, 0, steps=2, first_step_at=104.5)
     watch.poll()
     assert json.loads((tmp_path / "attempts" / "0" / "failure.json").read_text())["recovered_after_s"] == 4.5
+
+
+EXIT_KEYS = {"attempt", "reason", "rank", "host", "local_rank", "pid", "exit_code", "signal", "at", "phase", "step",
+             "first_step_reached", "note", "error_file", "log", "traceback", "log_tail", "ranks"}
+HANG_KEYS = {"attempt", "reason", "rank", "host", "pid", "phase", "step", "stalled_s", "timeout_s", "exit_code",
+             "signal", "at", "first_step_reached", "stacks", "traceback", "ranks"}
+
+
+def test_failure_json_keeps_its_keys_and_reads_back(tmp_path: Path) -> None:
+    """failure.json's keys are a format (old run directories, benchmarks): an exit record has its own, a hang its
+    own, and the launcher's later additions appear once set; a record read back equals the one written."""
+    progress(tmp_path, 0, 0)
+    exited(tmp_path, 0, 0, 3, at=100.0)
+    watch = Watch(tmp_path, Timeouts(), world_size=1)
+    watch.poll()
+    record = watch.conclude()
+    assert record is not None
+    on_disk = json.loads((tmp_path / "failure.json").read_text())
+    assert set(on_disk) == EXIT_KEYS | {"restarts_before"}
+    assert read_failure(tmp_path / "failure.json") == record and Failure.from_json(on_disk).to_json() == on_disk
+    record.restarts_before, record.recovered_after_s = None, None
+    assert set(record.to_json()) == EXIT_KEYS
+    hang = Failure(attempt=1, reason="hang", rank=0, exit_code=HANG_EXIT_CODE, at=1.0, stalled_s=2.0, timeout_s=1.0,
+                   stacks=str(tmp_path))
+    assert set(hang.to_json()) == HANG_KEYS
+    assert read_failure(tmp_path / "nothing.json") is None

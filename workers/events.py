@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-FILE = "events.jsonl"
+from workers import contract
 
 
 def append(run_dir: Path, kind: str, step: object, **facts: object) -> dict[str, Any]:
     """Add one record (``time`` now) and return it; a run directory that is gone is no error."""
     record = {"time": round(time.time(), 3), "kind": kind, "step": step, **facts}
     try:
-        fd = os.open(run_dir / FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(contract.events_file(run_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError:
         return record
     try:
@@ -32,7 +32,7 @@ def append(run_dir: Path, kind: str, step: object, **facts: object) -> dict[str,
 
 
 def read(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / FILE
+    path = contract.events_file(run_dir)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -22,13 +22,15 @@ import os
 import time
 from pathlib import Path
 
+from workers.contract import DATA, DONE, INIT
+
 WIDTH = 255  # the record is padded to this width, so a shorter rewrite leaves no tail of the last one
 
 _fd: int | None = None
 _map: mmap.mmap | None = None  # the file, mapped: a write is a memory copy
 _width = WIDTH  # WIDTH, or more for a long head (a long host name)
 _head = ""  # the fixed part of the record: rank, host, pid, attempt
-_phase, _step, _steps, _first = "init", -1, 0, 0.0  # _steps: steps begun in this process
+_phase, _step, _steps, _first = INIT, -1, 0, 0.0  # _steps: steps begun in this process
 
 
 def start(path: Path, head: dict[str, object]) -> None:
@@ -74,7 +76,7 @@ def step(number: int) -> None:
         _steps += 1
         if _steps == 2:  # the first step of this process is done
             _first = round(time.time(), 3)
-    _phase, _step = "data", number
+    _phase, _step = DATA, number
     _write()
 
 
@@ -85,4 +87,4 @@ def beat() -> None:
 
 def trained() -> bool:
     """Whether this process finished at least one step (the launcher restarts only attempts that did)."""
-    return _steps > 1 or (_steps == 1 and _phase == "done")
+    return _steps > 1 or (_steps == 1 and _phase == DONE)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from workers import progress, testhooks
+from workers import contract, progress, testhooks
 from workers.distributed.env import DistEnv
 
 MAX_BACKOFF_S = 30.0
@@ -49,7 +49,7 @@ _stacks = None  # the open file faulthandler writes into (it must stay open)
 
 
 def attempt_of(environ: os._Environ[str] | dict[str, str]) -> int:
-    return int(environ.get("TORCHELASTIC_RESTART_COUNT") or environ.get("LAUNCHER_ATTEMPT") or 0)
+    return int(environ.get(contract.RESTART_COUNT_ENV) or environ.get(contract.ATTEMPT_ENV) or 0)
 
 
 def current_attempt() -> int:
@@ -60,17 +60,18 @@ def current_attempt() -> int:
 def setup() -> None:
     """Open this rank's files under the run directory; wait the restart backoff. Once per process."""
     global _stacks
-    run_dir = os.environ.get("LAUNCHER_RUN_DIR")
+    run_dir = os.environ.get(contract.RUN_DIR_ENV)
     if _files or not run_dir:
         return
     env, attempt = DistEnv.from_env(os.environ), attempt_of(os.environ)
     if attempt > 0 and testhooks.SLOW_RESTART_S:
         time.sleep(testhooks.SLOW_RESTART_S)
-    folder = Path(run_dir) / "attempts" / str(attempt)
+    folder = contract.attempt_dir(Path(run_dir), attempt)
     folder.mkdir(parents=True, exist_ok=True)
-    base = folder / f"rank{env.rank}"
-    _files.update(exit=base.with_suffix(".exit.json"), stacks=base.with_suffix(".stacks"),
-                  error=Path(os.environ.setdefault("TORCHELASTIC_ERROR_FILE", str(base.with_suffix(".error.json")))))
+    error = contract.rank_file(folder, env.rank, contract.ERROR)
+    _files.update(exit=contract.rank_file(folder, env.rank, contract.EXIT),
+                  stacks=contract.rank_file(folder, env.rank, contract.STACKS),
+                  error=Path(os.environ.setdefault(contract.ERROR_FILE_ENV, str(error))))
     _files["exit"].unlink(missing_ok=True)
     _stacks = open(_files["stacks"], "w")  # noqa: SIM115 -- faulthandler writes into it until the process ends
     faulthandler.enable(_stacks, all_threads=True)
@@ -79,22 +80,22 @@ def setup() -> None:
         if signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, _record_and_die)
     pin_devices(os.environ)
-    progress.start(base.with_suffix(".progress"),
+    progress.start(contract.rank_file(folder, env.rank, contract.PROGRESS),
                    {"rank": env.rank, "local_rank": env.local_rank, "world_size": env.world_size,
                     "pid": os.getpid(), "attempt": attempt,
-                    "host": os.environ.get("LAUNCHER_HOST") or socket.gethostname(),  # the hostfile's name
+                    "host": os.environ.get(contract.HOST_ENV) or socket.gethostname(),  # the hostfile's name
                     "hostname": socket.gethostname()})
     if attempt > 0:
-        backoff(folder.parent / str(attempt - 1), attempt, env.rank)
+        backoff(contract.attempt_dir(Path(run_dir), attempt - 1), attempt, env.rank)
 
 
 def pin_devices(environ: os._Environ[str]) -> None:
     """A hostfile's ``gpus=``: LAUNCHER_DEVICES="host=0,2;other=1" -> CUDA_VISIBLE_DEVICES for this host's ranks,
     set before CUDA starts. This host is the one the launcher named (LAUNCHER_HOST, ssh fan-out), else the
     entry whose address this machine owns (mpirun and horovodrun start ranks without telling)."""
-    for entry in filter(None, environ.get("LAUNCHER_DEVICES", "").split(";")):
+    for entry in filter(None, environ.get(contract.DEVICES_ENV, "").split(";")):
         host, _, devices = entry.partition("=")
-        if environ.get("LAUNCHER_HOST") == host or ("LAUNCHER_HOST" not in environ and _is_this_host(host)):
+        if environ.get(contract.HOST_ENV) == host or (contract.HOST_ENV not in environ and _is_this_host(host)):
             environ["CUDA_VISIBLE_DEVICES"] = devices
             return
 
@@ -113,7 +114,7 @@ def _is_this_host(name: str) -> bool:
 def backoff(previous: Path, attempt: int, rank: int) -> None:
     """Wait LAUNCHER_RESTART_BACKOFF_S, doubled per restart, counted from the previous attempt's failure (its
     first exit record): the restart's own start-up (imports) is part of the wait, not added to it."""
-    left = backoff_ends(previous, attempt, float(os.environ.get("LAUNCHER_RESTART_BACKOFF_S") or 0),
+    left = backoff_ends(previous, attempt, float(os.environ.get(contract.RESTART_BACKOFF_ENV) or 0),
                         time.time()) - time.time()
     if left > 0:
         if rank == 0:
@@ -125,7 +126,8 @@ def backoff_ends(previous: Path, attempt: int, base: float, now: float) -> float
     """When restart ``attempt``'s backoff ends: ``base`` doubled per restart (at most MAX_BACKOFF_S) after the
     previous attempt's first exit record, or after ``now`` where it left none."""
     delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF_S)
-    times = [json.loads(p.read_text()).get("at", 0) for p in previous.glob("rank*.exit.json")] if delay else []
+    exits = contract.rank_files(previous, contract.EXIT) if delay else []
+    times = [json.loads(p.read_text()).get("at", 0) for p in exits]
     return (min(times) if times else now) + delay
 
 
@@ -176,7 +178,7 @@ def finish(code: int, error: BaseException | None = None, *, peer_failed: bool =
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(path)
-    progress.phase("done" if code == 0 else "failed")
+    progress.phase(contract.DONE if code == 0 else contract.FAILED)
 
 
 def _log_file() -> str | None:
@@ -244,7 +246,7 @@ def main(argv: list[str]) -> NoReturn:
         argv = argv[1:]
     if not argv or argv == ["-m"]:
         sys.exit("usage: python -m workers.rank [--mpi|--horovod] (-m MODULE | SCRIPT.py) [ARGS...]")
-    run(lambda: _run_program(argv), hard_exit=argv[:2] == ["-m", "workers.train"])
+    run(lambda: _run_program(argv), hard_exit=argv[:2] == ["-m", contract.TRAINER_MODULE])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from workers import config, rank
+from workers import config, contract, rank
 from workers.distributed import build_comm
 from workers.distributed.env import DistEnv
 from workers.trainer import Trainer
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--comm", default="auto", choices=("auto", "ddp", "horovod", "torchft"))
     args = parser.parse_args(argv)
-    cfg = config.load_resolved(args.run_dir / "config.yaml")  # composed and checked once, by the launcher
+    cfg = config.load_resolved(contract.config_file(args.run_dir))  # composed and checked once, by the launcher
     comm = build_comm(args.comm, DistEnv.from_env(os.environ), cfg.ddp, os.environ,
                       cfg.trainer.elastic_commit_every)
     Trainer(cfg, comm, args.run_dir).train()  # mode=online: the same loop over a stream (workers/online.py)

@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from workers import checkpoint as ck
-from workers import progress, rank, task, testhooks
+from workers import contract, progress, rank, task, testhooks
 from workers.config import Config, to_dict
+from workers.contract import failure
 from workers.data.loader import TrainLoader, loader_kwargs, shard_loader, to_device
 from workers.distributed import topology as preflight
 from workers.distributed.comm import Comm
@@ -67,9 +68,9 @@ def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> t
 def recovery(run_dir: Path, attempt: int) -> dict[str, float]:
     """TensorBoard's record of a restart: its number and the seconds from the failure to this first step."""
     out = {"restarts/count": float(attempt)}
-    with contextlib.suppress(OSError, ValueError, KeyError):  # the launcher writes it; a bare torchrun does not
-        failed_at = json.loads((run_dir / "attempts" / str(attempt - 1) / "failure.json").read_text())["at"]
-        out["restarts/recovery_s"] = time.time() - failed_at
+    failed = failure.read(contract.failure_file(contract.attempt_dir(run_dir, attempt - 1)))
+    if failed is not None:  # the launcher writes it; a bare torchrun does not
+        out["restarts/recovery_s"] = time.time() - failed.at
     return out
 
 
@@ -136,7 +137,7 @@ class Trainer:
         self.tokens_per_sample = 0  # targets per sample for sequence models (B, T): reported as tokens/s
         self.data_wait_s = 0.0  # time this rank waited for batches since the last log step (perf/data_wait_frac)
         config_hash = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-        self.ckpt = ck.CheckpointManager(run_dir / "checkpoints", comm, t.checkpoint_every, t.keep_checkpoints,
+        self.ckpt = ck.CheckpointManager(contract.checkpoint_dir(run_dir), comm, t.checkpoint_every, t.keep_checkpoints,
                                          {"world_size": W, "comm": comm.name, "config_hash": config_hash,
                                           "torch_version": str(torch.__version__)},
                                          async_save=t.async_checkpoint)
@@ -257,7 +258,7 @@ class Trainer:
         """Loss and metrics on the eval split: each rank scores a shard, sums are all-reduced."""
         if self.eval_set is None:
             return {}
-        progress.phase("eval")
+        progress.phase(contract.EVAL)
         model, dev, comm = self.model, self.comm.device, self.comm
         model.eval()
         names = [*self.metric_fns, "loss"]  # metrics first: the closing line leads with them
@@ -276,7 +277,7 @@ class Trainer:
             progress.beat()
         totals = (comm.allreduce_mean(sums) * comm.world_size).tolist()
         model.train()
-        progress.phase("step")
+        progress.phase(contract.STEP)
         return {f"test/{name}": totals[2 * i] / totals[2 * i + 1] for i, name in enumerate(names) if totals[2 * i + 1]}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -325,7 +326,7 @@ class Trainer:
             fetched = time.perf_counter()
             data_s += fetched - clock
             if micro == 0:
-                progress.phase("step")  # the batch is here: computing now (and waiting in the all-reduce)
+                progress.phase(contract.STEP)  # the batch is here: computing now (and waiting in the all-reduce)
             if not self.tokens_per_sample and isinstance(batch[1], torch.Tensor):
                 self.tokens_per_sample = batch[1][0].numel() if batch[1].dim() > 1 else -1
             with comm.no_sync(model, last_micro_step=micro == accum - 1):
@@ -366,18 +367,18 @@ class Trainer:
             print(summary, flush=True)
             if self.comm.name == "torchft":
                 print(self.comm.summary(self.source.batch_size * self.cfg.trainer.grad_accum_steps), flush=True)
-            (self.run_dir / "result.json").write_text(json.dumps({"step": self.step, **result}, indent=1))
+            contract.result_file(self.run_dir).write_text(json.dumps({"step": self.step, **result}, indent=1))
 
     def checkpoint(self, last: bool = False, force: bool = False) -> float | None:
         """Save if due or forced (every rank calls it; each step at most once); rank 0's stall in seconds."""
         due = force or ck.should_save(self.step, last, self.cfg.trainer.checkpoint_every)
         if not due or self.saved_step == self.step:
             return None
-        progress.phase("checkpoint")
+        progress.phase(contract.CHECKPOINT)
         self.source.before_save()
         self.saved_step = self.step
         stall = self.ckpt.save(self.step, last, self.state, force=force)
-        progress.phase("step")
+        progress.phase(contract.STEP)
         return stall
 
     def train(self) -> dict[str, float]:
@@ -391,7 +392,7 @@ class Trainer:
         if self.metrics is not None:  # a Horovod Elastic reset: the writer starts again at the step rolled back to
             self.metrics.close()
         # torchft: whichever group is rank 0 of the quorum at the moment writes
-        metrics = self.metrics = build_logger(comm.is_main, self.run_dir / "tb", self.step,
+        metrics = self.metrics = build_logger(comm.is_main, contract.tensorboard_dir(self.run_dir), self.step,
                                               gate=getattr(comm, "writes", None))
         self.straggler = StragglerDetector(t.straggler_factor, t.straggler_windows, self.model,  # the wrapped model
                                            hosts=[r["host"] for r in self.ranks])

@@ -9,12 +9,7 @@ from pathlib import Path
 
 from launcher.backends import find_runner, runner
 from launcher.plan.types import Cmd, LaunchPlan
-
-HOSTS_FILE = "elastic_hosts.txt"
-
-
-def discovery_script(plan: LaunchPlan) -> Path:
-    return plan.run_dir / "discover_hosts.sh"
+from workers import contract
 
 
 def local_names() -> list[str]:
@@ -46,7 +41,7 @@ class HorovodBackend:
         argv = [runner("horovodrun", plan.python), "-np", str(plan.world_size)]
         if plan.fault_tolerant:  # Horovod Elastic: the survivors go on at a smaller size, a worker back is added
             argv += ["--min-np", "1", "--max-np", str(plan.world_size),
-                     "--host-discovery-script", str(discovery_script(plan))]
+                     "--host-discovery-script", str(contract.discovery_script(plan.run_dir))]
             if "network-interface" not in plan.tuning:
                 # without one, horovodrun's elastic driver finds the interfaces common to the hosts, which takes
                 # two hosts: on one it waits out --elastic-timeout (600 s) and starts nothing (gloo_run.py,
@@ -62,10 +57,10 @@ class HorovodBackend:
             argv += [f"--{key}", value]
         # a script of the user's gets torchrun's variables too (workers.rank --horovod), so one written for
         # torchrun runs unmodified; the rendezvous address is the plan's, the same for every rank
-        program = (*plan.program, "--comm", "horovod") if plan.builtin else ("-m", "workers.rank", "--horovod",
+        program = (*plan.program, "--comm", "horovod") if plan.builtin else ("-m", contract.RANK_MODULE, "--horovod",
                                                                              *plan.program)
         argv += [plan.python, *program]
-        env = {**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt), "MASTER_ADDR": plan.master_addr,
+        env = {**plan.env, contract.ATTEMPT_ENV: str(plan.attempt), "MASTER_ADDR": plan.master_addr,
                "MASTER_PORT": str(plan.master_port)}
         return [Cmd(argv=tuple(argv), env=env, name="horovodrun",
                     rank_marker=plan.rank_marker, relabel=(r"\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
@@ -76,10 +71,10 @@ class HorovodBackend:
         ``host:slots`` per line. Horovod Elastic takes a failed worker's whole host out of the job (its other
         workers too), so on one node each rank is a "host" of one slot under a name of its own for this machine
         (:func:`local_names`); a worker finds its GPU by its name's line (workers/distributed/elastic.py)."""
-        script = discovery_script(plan)
+        script, listing = contract.discovery_script(plan.run_dir), contract.elastic_hosts_file(plan.run_dir)
         hosts = plan.hosts or tuple((name, 1) for name in local_names()[:plan.nproc_per_node])
-        (script.parent / HOSTS_FILE).write_text("".join(f"{h}:{n}\n" for h, n in hosts))
-        script.write_text(f"#!/bin/sh\nexec cat {shlex.quote(str(script.parent / HOSTS_FILE))}\n")
+        listing.write_text("".join(f"{h}:{n}\n" for h, n in hosts))
+        script.write_text(f"#!/bin/sh\nexec cat {shlex.quote(str(listing))}\n")
         script.chmod(0o755)
 
     @staticmethod

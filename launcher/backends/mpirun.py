@@ -7,6 +7,7 @@ from pathlib import Path
 
 from launcher.backends import find_runner, runner
 from launcher.plan.types import Cmd, LaunchPlan
+from workers import contract
 
 INSTALL_HINT = "HINT: apt-get install openmpi-bin libopenmpi-dev && pip install mpi4py"
 
@@ -25,7 +26,7 @@ class MpirunBackend:
             argv.append("--allow-run-as-root")
         if plan.flags.get("oversubscribe"):
             argv.append("--oversubscribe")
-        env = {**plan.env, "LAUNCHER_ATTEMPT": str(plan.attempt)}
+        env = {**plan.env, contract.ATTEMPT_ENV: str(plan.attempt)}
         if plan.hosts:
             # other hosts get the launcher's NCCL_*/GLOO_*/… too, and rank 0's address as others reach it
             env = {**plan.forwarded_env, **env, "MASTER_ADDR": plan.master_addr}
@@ -34,7 +35,7 @@ class MpirunBackend:
                 + (["-F", str(plan.ssh_config)] if plan.ssh_config else []))]
         for key, value in env.items():
             argv += ["-x", f"{key}={value}"]
-        argv += [plan.python, "-m", "workers.rank", "--mpi", *plan.program]  # MPI -> torchrun's env, then run
+        argv += [plan.python, "-m", contract.RANK_MODULE, "--mpi", *plan.program]  # MPI -> torchrun's env, then run
         return [Cmd(argv=tuple(argv), env=env, name="mpirun", rank_marker=plan.rank_marker,
                     relabel=(r"\[\d+,(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
 

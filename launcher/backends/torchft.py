@@ -21,6 +21,7 @@ from pathlib import Path
 
 from launcher.plan.types import Cmd, LaunchPlan
 from launcher.supervise.procs import TOKEN_VAR
+from workers import contract
 
 # The lighthouse's clocks, chosen so that a healthy group stalls <= 1 s after a peer's SIGKILL on a 2-core
 # machine (0.55 s measured): a missed heartbeat for 500 ms drops a group from the quorum; a quorum waits
@@ -52,10 +53,10 @@ def build_commands(plan: LaunchPlan) -> list[Cmd]:
                 "--max-restarts", str(plan.max_restarts), "--log-dir", str(plan.run_dir / "logs" / f"group{group}"),
                 "--tee", "3", *plan.rank_program)
         env = {**plan.env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]:",
-               "REPLICA_GROUP_ID": str(group), "NUM_REPLICA_GROUPS": str(groups),
-               "TORCHFT_LIGHTHOUSE": f"http://{plan.master_addr}:{plan.lighthouse_port}",
+               contract.REPLICA_GROUP_ENV: str(group), contract.NUM_REPLICA_GROUPS_ENV: str(groups),
+               contract.LIGHTHOUSE_ENV: f"http://{plan.master_addr}:{plan.lighthouse_port}",
                # each group's rank is rank 0 of its torchrun: its own records, and its own GPU
-               "LAUNCHER_RUN_DIR": str(plan.run_dir / "groups" / str(group)),
+               contract.RUN_DIR_ENV: str(contract.group_dir(plan.run_dir, group)),
                "RUST_LOG": "warn",  # torchft's manager logs every quorum at INFO
                **({"CUDA_VISIBLE_DEVICES": str(group)} if plan.device == "cuda" else {})}
         commands.append(Cmd(argv=argv, env=env, name=f"group{group}", rank_marker=plan.rank_marker))

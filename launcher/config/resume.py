@@ -16,6 +16,7 @@ from typing import Any
 
 from launcher.errors import UsageError
 from workers import config as schema
+from workers import contract
 
 # keys whose change a checkpoint can take: a prefix ("trainer.") or a whole key
 HARMLESS = ("trainer.", "schedule.", "metrics.", "ddp.", "seed", "optimizer.",
@@ -45,8 +46,8 @@ def changed_keys(old: schema.Config, new: schema.Config) -> tuple[list[str], lis
 def check(run_dir: Path, new: schema.Config, fresh: bool) -> Path | None:
     """Before anything starts. Raises UsageError for a resume with another model/data/optimizer type;
     returns the path the current config.yaml is to be kept at when harmless keys changed, else None."""
-    path = run_dir / "config.yaml"
-    if fresh or not path.is_file() or not any((run_dir / "checkpoints").glob("step-*.json")):
+    path = contract.config_file(run_dir)
+    if fresh or not path.is_file() or not any(contract.checkpoint_dir(run_dir).glob("step-*.json")):
         return None
     try:
         old = schema.load(path)

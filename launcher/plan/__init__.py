@@ -2,4 +2,5 @@
 becomes (LaunchPlan, Cmd); planner.py turns options + machine facts into commands (no process started);
 ssh.py wraps a node's command for the ssh fan-out.
 
-May import: launcher.errors, launcher.resources, launcher.backends, launcher.supervise.procs (the job token)."""
+May import: launcher.errors, launcher.resources, launcher.backends, launcher.supervise.procs (the job token),
+workers.contract (what the ranks are told)."""

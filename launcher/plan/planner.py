@@ -16,6 +16,7 @@ from launcher.errors import UsageError
 from launcher.plan.ssh import exported_env
 from launcher.plan.types import LaunchOptions, LaunchPlan
 from launcher.supervise.procs import TOKEN_VAR
+from workers import contract
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node must agree on it, so no random port
 
@@ -64,7 +65,7 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
     if nodes > 1 and not hosts and (opts.node_rank is None or opts.master_addr is None):
         raise UsageError(f"--nodes {nodes} needs --node-rank and --master-addr on each node (run the "
                          f"launcher once per node), e.g. --nodes {nodes} --node-rank 0 --master-addr node0")
-    program = opts.program or ("-m", "workers.train", "--run-dir", str(opts.run_dir))
+    program = opts.program or ("-m", contract.TRAINER_MODULE, "--run-dir", str(opts.run_dir))
     if opts.program[:1] == ("-m",) and len(opts.program) < 2:
         raise UsageError("`-- -m` needs a module: `-- -m package.module args`")
     if opts.program and opts.program[0] != "-m" and not opts.program[0].endswith(".py"):
@@ -95,10 +96,10 @@ def plan_launch(opts: LaunchOptions, *, device_count: int, free_port: int, cpu_c
         "PYTHONUNBUFFERED": "1",  # rank output reaches the console line by line
         **({"PYTHONPATH": pythonpath} if pythonpath else {}),  # `-m workers.train` works from any working directory
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, cpu_count // most_ranks))),
-        "LAUNCHER_RUN_DIR": str(opts.run_dir),
+        contract.RUN_DIR_ENV: str(opts.run_dir),
         **({TOKEN_VAR: job_token} if job_token else {}),
-        "LAUNCHER_RESTART_BACKOFF_S": f"{opts.restart_backoff:g}",  # workers/rank.py waits it out on a restart
-        **({"LAUNCHER_DEVICES": devices} if devices else {}),
+        contract.RESTART_BACKOFF_ENV: f"{opts.restart_backoff:g}",  # workers/rank.py waits it out on a restart
+        **({contract.DEVICES_ENV: devices} if devices else {}),
     }
     tuning = {k: str(v) for k, v in (("timeline-filename", opts.timeline),
                                       ("fusion-threshold-mb", opts.fusion_threshold_mb),

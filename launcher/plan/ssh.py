@@ -19,6 +19,7 @@ from pathlib import Path
 from launcher.errors import UsageError
 from launcher.plan.types import Cmd, LaunchPlan
 from launcher.supervise.procs import TOKEN_VAR
+from workers import contract
 
 # the launcher's own variables that every remote rank gets too (DeepSpeed exports a similar list)
 EXPORTED_PREFIXES = ("NCCL_", "GLOO_", "TORCH", "CUDA_", "OMP_", "MKL_", "PYTHON", "LAUNCHER_", "HOROVOD_",
@@ -48,7 +49,7 @@ def remote_command(argv: Sequence[str], *, workdir: Path, python: str, env: Mapp
 
 def ssh_node(plan: LaunchPlan, host: str, cmd: Cmd) -> Cmd:
     """``cmd`` (one node's part of the job) run on ``host`` over ssh, under the node agent."""
-    env = {**plan.forwarded_env, **cmd.env, "LAUNCHER_HOST": host}  # the ranks name their host as the launcher does
+    env = {**plan.forwarded_env, **cmd.env, contract.HOST_ENV: host}  # the ranks name their host as the launcher does
     remote = remote_command(cmd.argv, workdir=plan.workdir, python=plan.python, env=env, marker=cmd.rank_marker)
     # the ssh client is a process of the run too: it carries the run's token (launcher/supervise/reaper.py)
     token = {TOKEN_VAR: env[TOKEN_VAR]} if TOKEN_VAR in env else {}

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers import contract
+
 
 @dataclass(frozen=True, kw_only=True)
 class Cmd:
@@ -87,7 +89,7 @@ class LaunchPlan:
 
     @property
     def builtin(self) -> bool:
-        return self.program[:3] == ("-m", "workers.train", "--run-dir")
+        return self.program[:3] == ("-m", contract.TRAINER_MODULE, "--run-dir")
 
     @property
     def elastic(self) -> bool:
@@ -97,7 +99,7 @@ class LaunchPlan:
     def rank_program(self) -> tuple[str, ...]:
         """What each rank runs: the built-in trainer reports to the launcher itself (workers/rank.py); any
         other program runs under that module's wrapper, in the same process, unmodified."""
-        return self.program if self.builtin else ("-m", "workers.rank", *self.program)
+        return self.program if self.builtin else ("-m", contract.RANK_MODULE, *self.program)
 
     @property
     def rank_marker(self) -> str:

@@ -16,6 +16,7 @@ from launcher.plan.types import LaunchPlan
 from launcher.supervise.supervisor import Supervisor, not_restarting
 from launcher.supervise.watch import Timeouts, Watch
 from launcher.supervise.watch import describe as watch_describe
+from workers import contract
 from workers.config import to_yaml
 
 
@@ -46,8 +47,9 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
     run_dir.mkdir(parents=True, exist_ok=True)
     # an earlier launch's rank records would read as this one's (attempt numbers start at 0 again); checkpoints
     # and TensorBoard go too under --no-resume. Node 0 does it before any rank can start.
-    kept = (*(("checkpoints", "tb") if fresh else ()), "attempts", "failure.json")
-    old = [run_dir / d for d in kept if (run_dir / d).exists()] if plan.node_rank == 0 else []
+    kept = (*((contract.checkpoint_dir(run_dir), contract.tensorboard_dir(run_dir)) if fresh else ()),
+            contract.attempts_dir(run_dir), contract.failure_file(run_dir))
+    old = [d for d in kept if d.exists()] if plan.node_rank == 0 else []
     if old:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = run_dir / "previous" / stamp
@@ -62,21 +64,21 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
             print(f"launcher: --no-resume: moved earlier {', '.join(d.name for d in old)} to {aside}")
     if history is not None:
         history.parent.mkdir(exist_ok=True)
-        (run_dir / "config.yaml").replace(history)
+        contract.config_file(run_dir).replace(history)
     if config_yaml is not None:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        contract.config_file(run_dir).write_text(config_yaml)
     if plan.fault_tolerant and plan.backend == "horovod":  # Horovod Elastic polls it for the hosts
         HorovodBackend.write_discovery(plan)
     record = {k: v for k, v in asdict(plan).items() if k != "commands"}
     record["commands"] = [{"name": c.name, "argv": list(c.argv), "env": dict(c.env)} for c in plan.commands]
-    (run_dir / "plan.json").write_text(json.dumps(record, indent=1, default=str))
+    contract.plan_file(run_dir).write_text(json.dumps(record, indent=1, default=str))
 
 
 def group_watches(plan: LaunchPlan) -> dict[int, Watch]:
     """--fault-tolerant: command index -> the watch over that replica group's records (RUN_DIR/groups/G)."""
     if not plan.fault_tolerant or plan.backend != "torchrun":
         return {}
-    return {i: Watch(Path(cmd.env["LAUNCHER_RUN_DIR"]), Timeouts(*plan.timeouts), world_size=1)
+    return {i: Watch(Path(cmd.env[contract.RUN_DIR_ENV]), Timeouts(*plan.timeouts), world_size=1)
             for i, cmd in enumerate(plan.commands) if not cmd.service}
 
 
@@ -116,10 +118,10 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
               f"launcher: {plan.backend} exited with code {code}; last lines:\n" + "\n".join(sup.output),
               file=sys.stderr, flush=True)
         if failure is not None:
-            code = failure["exit_code"]
+            code = failure.exit_code
         if attempt == own_restarts:
             break
-        if failure is not None and plan.builtin and not failure["first_step_reached"]:
+        if failure is not None and plan.builtin and not failure.first_step_reached:
             print(not_restarting(attempt), file=sys.stderr, flush=True)
             break
         print(f"launcher: restarting all ranks ({attempt + 1}/{own_restarts}); they resume from the newest "

@@ -12,11 +12,13 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from workers import contract
+
 GRACE_S = 30.0  # after SIGTERM, how long children get to checkpoint and exit before SIGKILL
 GONE_GRACE_S = 3.0  # the same when the launcher is gone (killed): short, so everything ends within 10 s
 # every process of a run (runners, ranks, ssh clients, node agents) carries this variable with the run's own value:
 # the environment is inherited through runners, shells and sessions, which parent links and process groups are not
-TOKEN_VAR = "LAUNCHER_JOB_TOKEN"
+TOKEN_VAR = contract.JOB_TOKEN_ENV
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -131,7 +133,7 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"workers.train" not in cmdline or str(run_dir).encode() not in cmdline:
+            if contract.TRAINER_MODULE.encode() not in cmdline or str(run_dir).encode() not in cmdline:
                 continue
             env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
         except OSError:

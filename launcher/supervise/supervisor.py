@@ -18,7 +18,7 @@ from launcher.plan.types import Cmd
 from launcher.supervise.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
 from launcher.supervise.reaper import Reaper
 from launcher.supervise.watch import Watch, describe
-from workers import events
+from workers import contract, events
 
 WATCH_EVERY_S = 0.5  # how often the rank records are read
 STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
@@ -28,8 +28,9 @@ TAIL_LINES = 20  # of the runners' output, for a failure without rank records
 def group_event(cmd: Cmd, kind: str, step: object, **facts: object) -> None:
     """The launcher's record of a replica group's failure or hang in RUN_DIR/events.jsonl, beside the ranks' own
     (workers/distributed/ft.py)."""
-    run_dir = Path(cmd.env["LAUNCHER_RUN_DIR"]).parent.parent  # RUN_DIR/groups/G
-    events.append(run_dir, kind, step, group=int(cmd.env["REPLICA_GROUP_ID"]), rank=0, by="launcher", **facts)
+    run_dir = contract.run_dir_of_group(Path(cmd.env[contract.RUN_DIR_ENV]))
+    events.append(run_dir, kind, step, group=int(cmd.env[contract.REPLICA_GROUP_ENV]), rank=0, by="launcher",
+                  **facts)
 
 
 def not_restarting(attempt: int) -> str:
@@ -180,7 +181,7 @@ class Supervisor:
         if self.no_restart or self.watch.attempt >= self.restarts_left:
             return  # no restart of the runner's own left to stop: the failure record need not be read each poll
         failure = self.watch.failure()
-        if failure is not None and not failure["first_step_reached"]:
+        if failure is not None and not failure.first_step_reached:
             self.no_restart = True
             print(not_restarting(self.watch.attempt), file=sys.stderr, flush=True)
             self._kill_all(signal.SIGKILL)
@@ -195,16 +196,16 @@ class Supervisor:
             if ended is not None and (failure := watch.failures.get(ended)):
                 print(describe(failure, hosts=False) + f"\nlauncher: {cmd.name} restarts alone (attempt {ended + 1}); "
                       "the other groups go on", file=sys.stderr, flush=True)
-                group_event(cmd, "failure", failure.get("step"), attempt=ended, reason=failure.get("reason"),
-                            exit_code=failure.get("exit_code"), signal=failure.get("signal"))
+                group_event(cmd, "failure", failure.step, attempt=ended, reason=failure.reason,
+                            exit_code=failure.exit_code, signal=failure.signal)
             stuck = watch.stalled() if self.deadline is None and proc.poll() is None else []
             if not stuck:
                 continue
             print(watch.report_hang(stuck).replace("launcher: hang:", f"launcher: {cmd.name} hung:", 1),
                   file=sys.stderr, flush=True)
             assert watch.hang is not None
-            group_event(cmd, "hang", watch.hang.get("step"), attempt=watch.attempt, phase=watch.hang.get("phase"),
-                        stalled_s=watch.hang.get("stalled_s"), stacks=watch.hang.get("stacks"))
+            group_event(cmd, "hang", watch.hang.step, attempt=watch.attempt, phase=watch.hang.phase,
+                        stalled_s=watch.hang.stalled_s, stacks=watch.hang.stacks)
             ranks = rank_processes(proc.pid, cmd.rank_marker)
             signal_pids(ranks, signal.SIGUSR2)  # faulthandler: the stack into the group's attempts/N/rank0.stacks
             signal_pids(ranks, signal.SIGCONT)  # a stopped rank runs its handler only once continued

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.supervise.procs import alive
+from workers import contract
+from workers.contract import CHECKPOINT, DATA, EVAL, INIT, PHASES, STEP
+from workers.contract.failure import HANG, Failure
 
 HANG_EXIT_CODE = 124  # the launcher's exit status after a hang, as timeout(1)'s
 TRACEBACK_LINES = 30
 LOG_LINES = 15
-PHASES = ("init", "data", "step", "eval", "checkpoint", "failed", "done")  # within one step, in order
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class Timeouts:
     checkpoint: float = 900.0
 
     def of(self, phase: str) -> float:
-        return {"init": self.init, "checkpoint": self.checkpoint}.get(phase, self.step if phase in PHASES[1:4] else 0)
+        between = self.step if phase in (DATA, STEP, EVAL) else 0  # done, failed: nothing to wait for
+        return {INIT: self.init, CHECKPOINT: self.checkpoint}.get(phase, between)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Rank:
 
     @property
     def phase(self) -> str:
-        return self.record.get("phase", "init")
+        return self.record.get("phase", INIT)
 
     @property
     def where(self) -> str:
@@ -70,18 +73,19 @@ def read_json(path: Path) -> dict | None:
 class Watch:
     def __init__(self, run_dir: Path, timeouts: Timeouts, *, world_size: int,
                  log_of: Callable[[int, int], Path | None] = lambda rank, attempt: None) -> None:
-        self.root, self.timeouts, self.world_size, self.log_of = run_dir / "attempts", timeouts, world_size, log_of
+        self.run_dir, self.timeouts, self.world_size, self.log_of = run_dir, timeouts, world_size, log_of
+        self.root = contract.attempts_dir(run_dir)
         self.attempt = -1
         self.ranks: dict[int, Rank] = {}
         self.started = time.monotonic()  # of the current attempt, as the launcher saw it begin
-        self.hang: dict | None = None  # the current attempt's hang report, once found
-        self.failures: dict[int, dict] = {}  # attempt -> its failure record
+        self.hang: Failure | None = None  # the current attempt's hang report, once found
+        self.failures: dict[int, Failure] = {}  # attempt -> its failure record
         self.concluded: set[int] = set()  # attempts known to have ended
         self.host = socket.gethostname()
 
     # -- reading ---------------------------------------------------------------------------------
     def folder(self, attempt: int | None = None) -> Path:
-        return self.root / str(self.attempt if attempt is None else attempt)
+        return contract.attempt_dir(self.run_dir, self.attempt if attempt is None else attempt)
 
     def _newest(self) -> int:
         with contextlib.suppress(OSError):
@@ -101,7 +105,7 @@ class Watch:
         if self.attempt < 0:
             return ended
         now = time.monotonic()
-        for path in self.folder().glob("rank*.progress"):
+        for path in contract.rank_files(self.folder(), contract.PROGRESS):
             record = read_json(path)
             if record is None:
                 continue  # caught mid-write
@@ -109,14 +113,14 @@ class Watch:
             if record != rank.record:
                 rank.record, rank.seen = record, now
             if (rank.died_at is None and record.get("hostname") == self.host and not alive(record["pid"])
-                    and not (self.folder() / f"rank{rank.rank}.exit.json").exists()):
+                    and not contract.rank_file(self.folder(), rank.rank, contract.EXIT).exists()):
                 rank.died_at = time.time()
         self._note_recovery()
         return ended
 
     def exits(self, attempt: int) -> dict[int, dict]:
         folder = self.folder(attempt)
-        return {int(p.name[4:].split(".")[0]): r for p in folder.glob("rank*.exit.json") if (r := read_json(p))}
+        return {contract.rank_of(p): r for p in contract.rank_files(folder, contract.EXIT) if (r := read_json(p))}
 
     # -- hangs -----------------------------------------------------------------------------------
     def stalled(self) -> list[Rank]:
@@ -139,14 +143,13 @@ class Watch:
         ranks = sorted(self.ranks.values(), key=lambda r: r.rank)
         suspect = min(stuck, key=lambda r: (r.record.get("step", -1), PHASES.index(r.phase), r.seen))
         limit = self.timeouts.of(suspect.phase)
-        self.hang = {
-            "attempt": self.attempt, "reason": "hang", "rank": suspect.rank, "host": suspect.record.get("host"),
-            "pid": suspect.record.get("pid"), "phase": suspect.phase, "step": suspect.record.get("step"),
-            "stalled_s": round(now - suspect.seen, 1), "timeout_s": limit, "exit_code": HANG_EXIT_CODE,
-            "signal": None, "at": round(time.time(), 3), "first_step_reached": self._trained(),
-            "stacks": str(self.folder()), "traceback": [],
-            "ranks": [{"rank": r.rank, "host": r.record.get("host"), "phase": r.phase, "step": r.record.get("step"),
-                       "stalled_s": round(now - r.seen, 1)} for r in ranks]}
+        self.hang = Failure(
+            attempt=self.attempt, reason=HANG, rank=suspect.rank, host=suspect.record.get("host"),
+            pid=suspect.record.get("pid"), phase=suspect.phase, step=suspect.record.get("step"),
+            stalled_s=round(now - suspect.seen, 1), timeout_s=limit, exit_code=HANG_EXIT_CODE,
+            at=round(time.time(), 3), first_step_reached=self._trained(), stacks=str(self.folder()),
+            ranks=[{"rank": r.rank, "host": r.record.get("host"), "phase": r.phase, "step": r.record.get("step"),
+                    "stalled_s": round(now - r.seen, 1)} for r in ranks])
         self._write(self.hang)
         rows = [f"  {'host:rank':<24} {'phase':<11} {'last step':>9} {'no progress for':>16}"]
         rows += [f"  {r.where:<24} {r.phase:<11} {r.record.get('step', '-')!s:>9} {now - r.seen:>14.0f} s"
@@ -155,13 +158,13 @@ class Watch:
             f"launcher: hang: rank {suspect.rank} on {suspect.record.get('host', '?')} made no progress for "
             f"{now - suspect.seen:.0f} s in phase {suspect.phase} (timeout {limit:g} s) at step "
             f"{suspect.record.get('step', '-')}; every rank's Python stack: {self.folder()}/rank<R>.stacks", *rows])
-        (self.folder() / "hang.txt").write_text(summary + "\n")
+        contract.hang_report(self.folder()).write_text(summary + "\n")
         return summary
 
     def stacks_written(self) -> bool:
         """Every live rank of the attempt has dumped its stacks (after SIGUSR2)."""
         with contextlib.suppress(OSError):
-            return all((self.folder() / f"rank{r.rank}.stacks").stat().st_size
+            return all(contract.rank_file(self.folder(), r.rank, contract.STACKS).stat().st_size
                        for r in self.ranks.values() if r.died_at is None)
         return False
 
@@ -173,7 +176,7 @@ class Watch:
             return True
         return any(e.get("trained") for e in (self.exits(attempt) if exits is None else exits).values())
 
-    def failure(self, attempt: int | None = None, ended: bool = False) -> dict | None:
+    def failure(self, attempt: int | None = None, ended: bool = False) -> Failure | None:
         """The attempt's first failure, from the exit records (and the deaths without one), or its hang.
         ``ended``: the attempt is over, so a rank without an exit record is dead."""
         attempt = self.attempt if attempt is None else attempt
@@ -181,7 +184,7 @@ class Watch:
             return None
         if attempt == self.attempt and self.hang is not None:
             return self.hang
-        if attempt in self.failures and self.failures[attempt].get("reason") == "hang":
+        if attempt in self.failures and self.failures[attempt].hang:
             return self.failures[attempt]
         exits = self.exits(attempt)
         failed = [(rank, rec) for rank, rec in exits.items() if rec.get("exit_code")]
@@ -198,16 +201,16 @@ class Watch:
         info = self.ranks.get(rank, Rank(rank)).record if attempt == self.attempt else {}
         log = rec.get("log") or _str(self.log_of(rank, attempt))
         traceback = self._traceback(rec, rank, attempt)
-        return {
-            "attempt": attempt, "reason": "signal" if rec.get("signal") else "exit", "rank": rank,
-            "host": info.get("host"), "local_rank": info.get("local_rank"), "pid": info.get("pid"),
-            "exit_code": rec["exit_code"], "signal": rec.get("signal"), "at": at,
-            "phase": info.get("phase"), "step": info.get("step"), "first_step_reached": self._trained(attempt, exits),
-            "note": "no exit record: killed by SIGKILL (a kill -9, or the OOM killer)" if rec.get("killed") else None,
-            "error_file": rec.get("error_file"), "log": log, "traceback": traceback,
-            "log_tail": _log_tail(log, without_traceback=bool(traceback)),
-            "ranks": [{"rank": r, "exit_code": e["exit_code"], "signal": e.get("signal"),
-                       "peer_failed": e.get("peer_failed")} for r, e in sorted(failed)]}
+        return Failure(
+            attempt=attempt, reason="signal" if rec.get("signal") else "exit", rank=rank,
+            host=info.get("host"), local_rank=info.get("local_rank"), pid=info.get("pid"),
+            exit_code=rec["exit_code"], signal=rec.get("signal"), at=at,
+            phase=info.get("phase"), step=info.get("step"), first_step_reached=self._trained(attempt, exits),
+            note="no exit record: killed by SIGKILL (a kill -9, or the OOM killer)" if rec.get("killed") else None,
+            error_file=rec.get("error_file"), log=log, traceback=traceback,
+            log_tail=_log_tail(log, without_traceback=bool(traceback)),
+            ranks=[{"rank": r, "exit_code": e["exit_code"], "signal": e.get("signal"),
+                    "peer_failed": e.get("peer_failed")} for r, e in sorted(failed)])
 
     def _traceback(self, rec: dict, rank: int, attempt: int) -> list[str]:
         """The tail of the rank's traceback: its error file (torchrun's format), else its fatal-signal dump."""
@@ -216,34 +219,31 @@ class Watch:
             info = error.get("message", {})
             text = info.get("extraInfo", {}).get("py_callstack") if isinstance(info, dict) else None
             return (text or str(info)).rstrip().splitlines()[-TRACEBACK_LINES:]
-        return _tail(self.folder(attempt) / f"rank{rank}.stacks", TRACEBACK_LINES)  # a fatal signal's dump
+        return _tail(contract.rank_file(self.folder(attempt), rank, contract.STACKS), TRACEBACK_LINES)  # fatal signal
 
-    def conclude(self) -> dict | None:
+    def conclude(self) -> Failure | None:
         """The current attempt ended: its final failure record (written), or None if it did not fail."""
         self.concluded.add(self.attempt)
         record = self.failure(ended=True)
         if record is not None:
-            record["restarts_before"] = self.attempt
+            record.restarts_before = self.attempt
             self.failures[self.attempt] = record
             self._write(record)
         return record
 
-    def _write(self, record: dict) -> None:
-        text = json.dumps(record, indent=1)
-        (self.folder(record["attempt"]) / "failure.json").write_text(text)
-        if record["attempt"] >= self._newest():
-            tmp = self.root.parent / "failure.json.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.root.parent / "failure.json")
+    def _write(self, record: Failure) -> None:
+        record.write(contract.failure_file(self.folder(record.attempt)))
+        if record.attempt >= self._newest():
+            record.write(contract.failure_file(self.run_dir))
 
     def _note_recovery(self) -> None:
         """Once the attempt after a failure trains its first step: the seconds that took, into that failure."""
         before = self.failures.get(self.attempt - 1)
-        if before is None or "recovered_after_s" in before:
+        if before is None or before.recovered_after_s is not None:
             return
         firsts = [r.record["first_step_at"] for r in self.ranks.values() if r.record.get("first_step_at")]
         if firsts:
-            before["recovered_after_s"] = round(min(firsts) - before["at"], 3)
+            before.recovered_after_s = round(min(firsts) - before.at, 3)
             self._write(before)
 
 
@@ -271,24 +271,24 @@ def killed(at: float) -> dict:
     return {"exit_code": 137, "signal": "SIGKILL", "at": at, "killed": True}
 
 
-def describe(record: dict, hosts: bool = True) -> str:
+def describe(record: Failure, hosts: bool = True) -> str:
     """The console summary of a failure record (``hosts``: name the rank's host)."""
-    if record["reason"] == "hang":
-        return (f"launcher: attempt {record['attempt']} hung: rank {record['rank']} on {record['host']} "
-                f"(phase {record['phase']}, step {record['step']}); stacks: {record['stacks']}")
-    how = f"killed by signal {record['signal']}" if record.get("signal") else f"exit code {record['exit_code']}"
-    where = f" on {record['host']}" if hosts and record.get("host") else ""
-    lines = [f"launcher: rank {record['rank']}{where} failed ({how}), the first to fail in attempt "
-             f"{record['attempt']}" + (f"; log: {record['log']}" if record.get("log") else "")]
-    if record.get("note"):
-        lines.append(f"  {record['note']}")
-    if record.get("traceback"):
-        lines.append(f"---- its traceback ({record.get('error_file') or 'stacks'}) ----")
-        lines += record["traceback"]
-    if record.get("log_tail"):
-        lines.append("---- its log" + (" before that ----" if record.get("traceback") else " ----"))
-        lines += record["log_tail"]
-    others = [r for r in record.get("ranks", []) if r["rank"] != record["rank"]]
+    if record.hang:
+        return (f"launcher: attempt {record.attempt} hung: rank {record.rank} on {record.host} "
+                f"(phase {record.phase}, step {record.step}); stacks: {record.stacks}")
+    how = f"killed by signal {record.signal}" if record.signal else f"exit code {record.exit_code}"
+    where = f" on {record.host}" if hosts and record.host else ""
+    lines = [f"launcher: rank {record.rank}{where} failed ({how}), the first to fail in attempt "
+             f"{record.attempt}" + (f"; log: {record.log}" if record.log else "")]
+    if record.note:
+        lines.append(f"  {record.note}")
+    if record.traceback:
+        lines.append(f"---- its traceback ({record.error_file or 'stacks'}) ----")
+        lines += record.traceback
+    if record.log_tail:
+        lines.append("---- its log" + (" before that ----" if record.traceback else " ----"))
+        lines += record.log_tail
+    others = [r for r in record.ranks if r["rank"] != record.rank]
     if others:
         lines.append("then: " + ", ".join(
             f"rank {r['rank']} " + ("(a peer failed)" if r["peer_failed"] else

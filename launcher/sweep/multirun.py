@@ -20,7 +20,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from launcher import single
 from launcher.backends import get_backend
@@ -28,6 +27,7 @@ from launcher.config import resume
 from launcher.config.compose import compose_config
 from launcher.errors import UsageError
 from launcher.sweep import record
+from launcher.sweep.record import Member
 from workers import config as schema
 
 STOPPED = (130, 143)  # a member ended by SIGINT/SIGTERM: the user stopped the sweep, not just that member
@@ -48,9 +48,8 @@ def member_name(index: int, width: int, params: dict[str, str]) -> str:
     return f"{index:0{width}d}" + (f"-{safe}" if safe else "")
 
 
-def expand(overrides: list[str], config_dir: Path) -> list[dict[str, Any]]:
-    """The members of a grid sweep, in Hydra's order: [{index, name, overrides, params}, …] where params are the
-    swept keys' values."""
+def expand(overrides: list[str], config_dir: Path) -> list[Member]:
+    """The members of a grid sweep, in Hydra's order; their params are the swept keys' values."""
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -73,24 +72,23 @@ def expand(overrides: list[str], config_dir: Path) -> list[dict[str, Any]]:
     members = []
     for index, combo in enumerate(combos):
         params = {key.lstrip("+~"): value for key, value in (item.split("=", 1) for item in combo) if key in swept}
-        members.append({"index": index, "name": member_name(index, width, params), "overrides": combo,
-                        "params": params})
+        members.append(Member(index=index, name=member_name(index, width, params), overrides=combo, params=params))
     return members
 
 
-def check_member(args: argparse.Namespace, sweep_dir: Path, member: dict[str, Any]) -> schema.Config:
+def check_member(args: argparse.Namespace, sweep_dir: Path, member: Member) -> schema.Config:
     """Compose the member's config and check it resumes cleanly in its run directory; a UsageError names it.
     Sets the member's max_steps (what "finished" means for it)."""
     try:
-        cfg = compose_config(member["overrides"], args.config_dir)
-        resume.check(sweep_dir / member["name"], cfg, args.no_resume)
+        cfg = compose_config(member.overrides, args.config_dir)
+        resume.check(member.run_dir(sweep_dir), cfg, args.no_resume)
     except UsageError as e:
-        raise UsageError(f"sweep member {member['name']} ({' '.join(member['overrides'])}): {e}") from None
-    member["max_steps"] = cfg.trainer.max_steps
+        raise UsageError(f"sweep member {member.name} ({' '.join(member.overrides)}): {e}") from None
+    member.max_steps = cfg.trainer.max_steps
     return cfg
 
 
-def check_launch(args: argparse.Namespace, sweep_dir: Path, member: dict[str, Any], cfg: schema.Config) -> None:
+def check_launch(args: argparse.Namespace, sweep_dir: Path, member: Member, cfg: schema.Config) -> None:
     """What a launch checks before it starts anything (flags, the plan, the backend), once, before the sweep writes
     anything: the same for every member. The dry run's printout is not wanted here."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -100,27 +98,27 @@ def check_launch(args: argparse.Namespace, sweep_dir: Path, member: dict[str, An
         raise UsageError(problem)
 
 
-def member_args(args: argparse.Namespace, sweep_dir: Path, member: dict[str, Any],
+def member_args(args: argparse.Namespace, sweep_dir: Path, member: Member,
                 dry_run: bool | None = None) -> argparse.Namespace:
     one = copy.copy(args)
-    one.run_dir, one.overrides, one.multirun = sweep_dir / member["name"], list(member["overrides"]), False
+    one.run_dir, one.overrides, one.multirun = member.run_dir(sweep_dir), list(member.overrides), False
     one.dry_run = args.dry_run if dry_run is None else dry_run
     return one
 
 
-def run_member(args: argparse.Namespace, sweep_dir: Path, member: dict[str, Any], cfg: schema.Config,
+def run_member(args: argparse.Namespace, sweep_dir: Path, member: Member, cfg: schema.Config,
                total: int | None, first: bool) -> int | None:
     """One member, as a single run would go: skipped when it finished earlier (None), else launched (resuming
     from its checkpoint); its status goes to member.json and summary.csv is rewritten. Returns its exit code.
     ``first``: nothing of this sweep has started yet, so a usage error (a flag the launch checks) is exit 2."""
-    run_dir = sweep_dir / member["name"]
-    label = f"sweep member {member['index'] + 1}{f'/{total}' if total else ''} {member['name']}"
-    if not args.no_resume and record.finished(run_dir, member["max_steps"]):
+    run_dir = member.run_dir(sweep_dir)
+    label = f"sweep member {member.index + 1}{f'/{total}' if total else ''} {member.name}"
+    if not args.no_resume and member.max_steps is not None and record.finished(run_dir, member.max_steps):
         print(f"launcher: {label}: finished earlier, skipped", flush=True)
         record.update_status(run_dir, member, status="finished", exit_code=0)
         record.write_summary(sweep_dir)
         return None
-    print(f"launcher: {label}: starting ({shlex.join(member['overrides'])})", flush=True)
+    print(f"launcher: {label}: starting ({shlex.join(member.overrides)})", flush=True)
     before = record.update_status(run_dir, member, status="running", exit_code="")
     started = time.monotonic()
     try:
@@ -183,9 +181,9 @@ def run(args: argparse.Namespace) -> int:
         return submit_array(args, sweep_dir, members)
     if args.dry_run:
         print(f"launcher: dry run, nothing started; sweep of {len(members)} members in {sweep_dir}:")
-        print("".join(f"  {m['name']}: {shlex.join(m['overrides'])}\n" for m in members), end="")
+        print("".join(f"  {m.name}: {shlex.join(m.overrides)}\n" for m in members), end="")
         for m, cfg in zip(members, configs, strict=True):
-            print(f"launcher: sweep member {m['name']} ({sweep_dir / m['name']}):", flush=True)
+            print(f"launcher: sweep member {m.name} ({m.run_dir(sweep_dir)}):", flush=True)
             single.run_one(member_args(args, sweep_dir, m), [], cfg)
         return 0
     check_launch(args, sweep_dir, members[0], configs[0])
@@ -195,20 +193,20 @@ def run(args: argparse.Namespace) -> int:
     codes: dict[str, int | None] = {}
     for m, cfg in zip(members, configs, strict=True):
         code = run_member(args, sweep_dir, m, cfg, len(members), first=all(c is None for c in codes.values()))
-        codes[m["name"]] = code
+        codes[m.name] = code
         if code in STOPPED:
             break
     return report(sweep_dir, {name: code or 0 for name, code in codes.items()}, len(members))
 
 
-def submit_array(args: argparse.Namespace, sweep_dir: Path, members: list[dict[str, Any]]) -> int:
+def submit_array(args: argparse.Namespace, sweep_dir: Path, members: list[Member]) -> int:
     """One sbatch job array, a task per member (``--array=0-N[%K]``); each task reads its member from
     SWEEP_DIR/members.json and runs it like a single job: requeued on preemption, resumed from its checkpoint."""
     last, most = len(members) - 1, args.max_parallel
     array = f"0-{last}" + (f"%{most}" if most and most <= last else "")
     if args.dry_run:
         print(f"launcher: sweep of {len(members)} members as Slurm job array {array} in {sweep_dir}:")
-        print("".join(f"  task {m['index']}: {m['name']}: {shlex.join(m['overrides'])}\n" for m in members), end="")
+        print("".join(f"  task {m.index}: {m.name}: {shlex.join(m.overrides)}\n" for m in members), end="")
     else:
         record.write_members(sweep_dir, members)
         record.write_summary(sweep_dir)

@@ -24,6 +24,7 @@ from launcher.config.hydra import user_overrides
 from launcher.errors import UsageError
 from launcher.sweep import multirun as sweep
 from launcher.sweep import record
+from launcher.sweep.record import Member
 from workers import config as schema
 
 DEFAULT_OBJECTIVE = "test/loss"
@@ -47,7 +48,7 @@ class MemberLauncher(Launcher):
 
     def __init__(self, args: argparse.Namespace, sweep_dir: Path, fixed: set[str], width: int) -> None:
         self.args, self.sweep_dir, self.fixed, self.width = args, sweep_dir, fixed, width
-        self.members: list[dict[str, Any]] = []
+        self.members: list[Member] = []
         self.codes: dict[str, int] = {}
         self.launched = False  # a member has started: from then on a usage error is that member's failure
         self.objective = args.objective or DEFAULT_OBJECTIVE
@@ -60,9 +61,9 @@ class MemberLauncher(Launcher):
 
     def run(self, overrides: list[str], index: int) -> JobReturn:
         params = {k.lstrip("+~"): v for k, v in (o.split("=", 1) for o in overrides) if k not in self.fixed}
-        member = {"index": index, "name": sweep.member_name(index, self.width, params), "overrides": overrides,
-                  "params": params}
-        ret = JobReturn(overrides=overrides, working_dir=str(self.sweep_dir / member["name"]), task_name="launcher")
+        member = Member(index=index, name=sweep.member_name(index, self.width, params), overrides=overrides,
+                        params=params)
+        ret = JobReturn(overrides=overrides, working_dir=str(member.run_dir(self.sweep_dir)), task_name="launcher")
         cfg: schema.Config | None = None
         try:
             cfg = sweep.check_member(self.args, self.sweep_dir, member)
@@ -70,8 +71,8 @@ class MemberLauncher(Launcher):
             if not self.launched:  # nothing has started yet: bad input (exit 2)
                 raise
             print(f"launcher: error: {e}", file=sys.stderr, flush=True)
-            member["max_steps"], code = -1, e.exit_code
-            record.update_status(self.sweep_dir / member["name"], member, status="failed", exit_code=code)
+            member.max_steps, code = -1, e.exit_code
+            record.update_status(member.run_dir(self.sweep_dir), member, status="failed", exit_code=code)
         self.members.append(member)
         record.write_members(self.sweep_dir, self.members)
         if cfg is not None and not self.launched:
@@ -80,14 +81,14 @@ class MemberLauncher(Launcher):
             ran = sweep.run_member(self.args, self.sweep_dir, member, cfg, None, first=not self.launched)
             self.launched = self.launched or ran is not None  # None: it had finished earlier, skipped
             code = ran or 0
-        self.codes[member["name"]] = code
+        self.codes[member.name] = code
         if code in sweep.STOPPED:
             raise _Stop
-        value = self.value(self.sweep_dir / member["name"]) if code == 0 else None
+        value = self.value(member.run_dir(self.sweep_dir)) if code == 0 else None
         if value is None:
             ret.status = JobStatus.FAILED
             why = f"exit {code}" if code else f"no {self.objective} in its result.json"
-            ret.return_value = RuntimeError(f"sweep member {member['name']}: {why}")
+            ret.return_value = RuntimeError(f"sweep member {member.name}: {why}")
         else:
             ret.status, ret.return_value = JobStatus.COMPLETED, value
         return ret

@@ -16,14 +16,42 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from workers import contract
 
 MEMBERS = "members.json"  # in the sweep directory: [{index, name, overrides, params, max_steps}, ...]
 STATUS = "member.json"  # in a member's run directory: its identity and how it ended
 SUMMARY = "summary.csv"
 # status: pending (never started), running, finished, failed (exit_code), stopped (SIGINT/SIGTERM),
 # preempted (Slurm requeued it)
+
+
+@dataclass(kw_only=True)
+class Member:
+    """One run of a sweep, as members.json lists it."""
+
+    index: int  # its place in the sweep (the Slurm array task id)
+    name: str  # ``<index>-<key=value,…>``: its run directory under the sweep directory
+    overrides: list[str]  # the config overrides it runs with
+    params: dict[str, str] = field(default_factory=dict)  # the swept keys' values (summary.csv's columns)
+    max_steps: int | None = None  # its trainer.max_steps (what "finished" means), once its config was composed
+
+    def run_dir(self, sweep_dir: Path) -> Path:
+        return sweep_dir / self.name
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.max_steps is None:
+            del data["max_steps"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Member:
+        return cls(index=data["index"], name=data["name"], overrides=list(data["overrides"]),
+                   params=dict(data.get("params", {})), max_steps=data.get("max_steps"))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -40,30 +68,30 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def members(sweep_dir: Path) -> list[dict[str, Any]]:
+def members(sweep_dir: Path) -> list[Member]:
     data = read_json(sweep_dir / MEMBERS)
-    return data["members"] if isinstance(data, dict) else []
+    return [Member.from_json(m) for m in data["members"]] if isinstance(data, dict) else []
 
 
-def write_members(sweep_dir: Path, listed: list[dict[str, Any]]) -> None:
+def write_members(sweep_dir: Path, listed: list[Member]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sweep_dir / MEMBERS, {"sweep": sweep_dir.name, "members": listed})
+    write_json(sweep_dir / MEMBERS, {"sweep": sweep_dir.name, "members": [m.to_json() for m in listed]})
 
 
 def status(run_dir: Path) -> dict[str, Any]:
     return read_json(run_dir / STATUS) or {}
 
 
-def update_status(run_dir: Path, member: dict[str, Any], **fields: Any) -> dict[str, Any]:
+def update_status(run_dir: Path, member: Member, **fields: Any) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {**status(run_dir), "index": member["index"], "name": member["name"],
-              "overrides": member["overrides"], **fields}
+    record = {**status(run_dir), "index": member.index, "name": member.name, "overrides": member.overrides,
+              **fields}
     write_json(run_dir / STATUS, record)
     return record
 
 
 def result(run_dir: Path) -> dict[str, Any]:
-    data = read_json(run_dir / "result.json")
+    data = read_json(contract.result_file(run_dir))
     return data if isinstance(data, dict) else {}
 
 
@@ -75,11 +103,12 @@ def finished(run_dir: Path, max_steps: int) -> bool:
 
 def final_train_loss(run_dir: Path) -> float | None:
     """The last ``train/loss`` in the member's TensorBoard (result.json holds eval metrics only)."""
-    if not list((run_dir / "tb").glob("events.*")):
+    tb = contract.tensorboard_dir(run_dir)
+    if not list(tb.glob("events.*")):
         return None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 1})  # the reservoir keeps the last
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 1})  # the reservoir keeps the last
     acc.Reload()
     if "train/loss" not in acc.Tags().get("scalars", []):
         return None
@@ -90,18 +119,18 @@ def summary_rows(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows): index, member, status, exit code, one column per swept key, step, train/loss, each eval
     metric of result.json, wall time, the member's overrides."""
     listed = members(sweep_dir)
-    params = list(dict.fromkeys(k for m in listed for k in m["params"]))
+    params = list(dict.fromkeys(k for m in listed for k in m.params))
     rows, metrics = [], {}
     for m in listed:
-        run_dir = sweep_dir / m["name"]
+        run_dir = m.run_dir(sweep_dir)
         st, res = status(run_dir), result(run_dir)
         metrics.update(dict.fromkeys(k for k in res if k != "step"))
         loss = final_train_loss(run_dir)
-        rows.append({"index": m["index"], "member": m["name"], "status": st.get("status", "pending"),
-                     "exit_code": st.get("exit_code", ""), **m["params"], "step": res.get("step", ""),
+        rows.append({"index": m.index, "member": m.name, "status": st.get("status", "pending"),
+                     "exit_code": st.get("exit_code", ""), **m.params, "step": res.get("step", ""),
                      "train/loss": "" if loss is None else f"{loss:.6g}",
                      **{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in res.items() if k != "step"},
-                     "wall_s": f"{st['wall_s']:.1f}" if "wall_s" in st else "", "overrides": " ".join(m["overrides"])})
+                     "wall_s": f"{st['wall_s']:.1f}" if "wall_s" in st else "", "overrides": " ".join(m.overrides)})
     columns = ["index", "member", "status", "exit_code", *params, "step", "train/loss", *metrics, "wall_s",
                "overrides"]
     return columns, rows
@@ -127,17 +156,19 @@ def write_summary(sweep_dir: Path) -> Path:
 def task_start(sweep_dir: Path, index: int) -> list[str]:
     """An array task's member: ``["run", RUN_DIR, *overrides]``, or ``["skip"]`` when it has finished already."""
     member = members(sweep_dir)[index]
-    run_dir = sweep_dir / member["name"]
-    if finished(run_dir, member["max_steps"]):
+    run_dir = member.run_dir(sweep_dir)
+    if member.max_steps is None:
+        raise KeyError(f"max_steps of member {member.name}")  # the launcher always writes it: a broken file
+    if finished(run_dir, member.max_steps):
         update_status(run_dir, member, status="finished", exit_code=0)
         return ["skip"]
     update_status(run_dir, member, status="running", started=time.time(), exit_code="")
-    return ["run", str(run_dir), *member["overrides"]]
+    return ["run", str(run_dir), *member.overrides]
 
 
 def task_end(sweep_dir: Path, index: int, code: int, preempted: bool) -> None:
     member = members(sweep_dir)[index]
-    run_dir = sweep_dir / member["name"]
+    run_dir = member.run_dir(sweep_dir)
     st = status(run_dir)
     wall = st.get("wall_s", 0.0) + (time.time() - st["started"] if "started" in st else 0.0)
     state = "preempted" if preempted else "finished" if code == 0 else "failed"

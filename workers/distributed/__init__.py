@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workers import contract
+
 if TYPE_CHECKING:  # torch is imported when a Comm is built, not by `workers.distributed.env` (workers/rank.py reads it)
     from workers.config import DDPConfig
     from workers.distributed.comm import Comm
@@ -21,7 +23,7 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: M
     from workers.distributed.ddp import DDPComm, SingleProcessComm
 
     environ = environ or {}
-    if kind == "torchft" or (kind == "auto" and "TORCHFT_LIGHTHOUSE" in environ):
+    if kind == "torchft" or (kind == "auto" and contract.LIGHTHOUSE_ENV in environ):
         from workers.distributed.ft import FTComm  # lazy: torchft is needed by --fault-tolerant runs only
 
         return FTComm(env, environ)
@@ -29,7 +31,7 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: M
     if kind == "horovod" and environ.get("HOROVOD_ELASTIC") == "1":  # horovodrun in elastic mode
         from workers.distributed.elastic import ElasticComm
 
-        run_dir = Path(environ["LAUNCHER_RUN_DIR"]) if "LAUNCHER_RUN_DIR" in environ else None
+        run_dir = Path(environ[contract.RUN_DIR_ENV]) if contract.RUN_DIR_ENV in environ else None
         return ElasticComm(commit_every, run_dir, environ.get("HOROVOD_HOSTNAME", ""))
     if kind == "horovod":
         from workers.distributed.horovod import HorovodComm  # lazy: horovod is an optional extra

@@ -20,12 +20,11 @@ from typing import Any
 
 import horovod.torch as hvd
 
-from workers import events
+from workers import contract, events
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 
 Position = tuple[int, dict[str, Any]]
-HOSTS_FILE = "elastic_hosts.txt"  # launcher/backends/horovodrun.py writes it
 
 
 def _slots(path: Path) -> dict[str, int]:
@@ -46,7 +45,7 @@ class ElasticComm(HorovodComm):
         self.run_dir = run_dir  # events.jsonl's
         # on one node each rank is a "host" of one slot (launcher/backends/horovodrun.py), so Horovod's local rank
         # is 0 for all: the GPU is the slot's line in the discovery hosts file
-        slots = _slots(run_dir / HOSTS_FILE) if run_dir is not None else {}
+        slots = _slots(contract.elastic_hosts_file(run_dir)) if run_dir is not None else {}
         if host in slots and all(n == 1 for n in slots.values()):
             self.device = pick_device(list(slots).index(host))
         self.state: Any = None

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from workers.contract import ATTEMPT_ENV, RESTART_COUNT_ENV
+
 # (launched_by, rank, world_size, local_rank, local_world_size, node_rank) variable names
 _SOURCES = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
@@ -74,7 +76,7 @@ class DistEnv:
                     master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
                     master_port=_int(environ, "MASTER_PORT", 29500),
                     launched_by=source,
-                    restart_count=_int(environ, "TORCHELASTIC_RESTART_COUNT", _int(environ, "LAUNCHER_ATTEMPT", 0)),
+                    restart_count=_int(environ, RESTART_COUNT_ENV, _int(environ, ATTEMPT_ENV, 0)),
                 )
         return cls()
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers import events
+from workers import contract, events
 from workers.distributed.comm import pick_device, unscale_clip_step
 from workers.distributed.ddp import SingleProcessComm
 from workers.distributed.env import DistEnv
@@ -42,12 +42,14 @@ class FTComm(SingleProcessComm):
     def __init__(self, env: DistEnv, environ: Mapping[str, str]) -> None:
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
-        self.group, self.groups = int(environ["REPLICA_GROUP_ID"]), int(environ["NUM_REPLICA_GROUPS"])
+        self.group = int(environ[contract.REPLICA_GROUP_ENV])
+        self.groups = int(environ[contract.NUM_REPLICA_GROUPS_ENV])
         # data is sharded by group (one rank each): rank r of W in the sampler is group r of W
         self.rank, self.world_size, self.local_rank, self.local_world_size = self.group, self.groups, 0, 1
         self.ranks_on_node = self.groups  # the node's cores are shared by every group (torch threads)
         self.device = pick_device(env.local_rank)  # the launcher gave each group its own GPU (CUDA_VISIBLE_DEVICES)
-        self.run_dir = Path(environ["LAUNCHER_RUN_DIR"]).parent.parent if "LAUNCHER_RUN_DIR" in environ else None
+        group_run_dir = environ.get(contract.RUN_DIR_ENV)  # RUN_DIR/groups/G: events.jsonl is the job's
+        self.run_dir = contract.run_dir_of_group(Path(group_run_dir)) if group_run_dir else None
         pg_timeout = timedelta(seconds=PG_TIMEOUT_S)
         pg_type = ProcessGroupNCCL if self.device.type == "cuda" else ProcessGroupGloo
         pg = pg_type(timeout=pg_timeout)
@@ -56,7 +58,7 @@ class FTComm(SingleProcessComm):
                                quorum_timeout=timedelta(seconds=QUORUM_TIMEOUT_S),
                                connect_timeout=timedelta(seconds=CONNECT_TIMEOUT_S))
         self.started = time.monotonic()
-        self.attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        self.attempt = int(environ.get(contract.RESTART_COUNT_ENV) or 0)
         self.participants = 0  # at the last step: a drop or a rejoin is a change of it
         self.step_started = time.monotonic()
         self.last_duration = 0.0  # of the step before: a failure stalls the step it hits and the next one

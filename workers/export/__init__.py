@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from workers import contract
+
 MAX_EVAL_SAMPLES = 2048  # eval samples scored per model in export.json: enough to compare, quick to run
 EXAMPLE_ROWS = 4  # samples in the example batch that torch.export traces with
 
@@ -136,7 +138,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, quantize: bool = F
     from workers.export.predict import tree_map
 
     run_dir, out = Path(run_dir), Path(out)
-    directory = run_dir / "checkpoints"
+    directory = contract.checkpoint_dir(run_dir)
     if step is None:
         step = ck.latest_valid(directory, _warn)
         if step is None:
