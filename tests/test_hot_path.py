@@ -109,48 +109,48 @@ def test_lr_every_step_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_accumulated_loss_is_the_micro_batches_sum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With grad_accum_steps=2 the logged loss is the mean of the step's two micro-batch losses, as before."""
     losses: list[float] = []
-    original = trainer.Trainer.agree
+    original = trainer.agree
 
-    def agree(self: trainer.Trainer, loss_sum: torch.Tensor, *parts: list[float]) -> tuple[float, list[list[float]]]:
+    def agree(comm: Any, loss_sum: torch.Tensor, *parts: list[float]) -> tuple[float, list[list[float]]]:
         losses.append(float(loss_sum))
-        return original(self, loss_sum, *parts)
+        return original(comm, loss_sum, *parts)
 
-    monkeypatch.setattr(trainer.Trainer, "agree", agree)
+    monkeypatch.setattr(trainer, "agree", agree)
     train(tmp_path, monkeypatch, "trainer.max_steps=4", "trainer.log_every=2", "trainer.grad_accum_steps=2")
     assert len(losses) == 2 and all(1.0 < v < 5.0 for v in losses)  # ~ln(10): a mean, not a sum of two
 
 
 # -- the signal check: on the log step's all-reduce, a poll of its own only when log steps are far apart --------
 class FakeTrainer:
-    """What EpochSource reads of the trainer; counts the signal polls (each a collective)."""
+    """What EpochSource is built from (a loader, the comm, the signal flags); counts the signal polls (each a
+    collective)."""
 
     def __init__(self) -> None:
         from workers.signals import SignalFlags
 
         self.step, self.polls = 0, []
         self.comm = SingleProcessComm(DistEnv())
-        self.cfg = compose_config(SMALL)
-        self.loader = type("L", (), {"epoch": 0})()
+        self.loader = type("L", (), {"epoch": 0, "batch_size": 8})()
         with own_signal_handlers():
             self.signals = SignalFlags()
         poll = self.signals.poll
         self.signals.poll = lambda comm: (self.polls.append(self.step), poll(comm))[1]  # type: ignore[method-assign]
 
-    def batches(self) -> Iterator[Any]:
-        return iter(())
+    def source(self) -> EpochSource:
+        return EpochSource(self.loader, self.comm, self.signals, 1, lambda: iter(()))  # type: ignore[arg-type]
 
 
 def test_signals_ride_on_log_steps_and_are_acted_on_at_the_same_step() -> None:
     t = FakeTrainer()
-    source = EpochSource(t)  # type: ignore[arg-type]
-    source.start()
+    source = t.source()
+    source.start(t.step)
     for t.step in range(0, SIGNAL_POLL_EVERY + 1):
         source.next(t.step)
     assert t.polls == [SIGNAL_POLL_EVERY]  # none before SIGNAL_POLL_EVERY steps
     # SIGUSR1, then a log step at step 15: the flags ride on its all-reduce (here the identity: one rank)
     t.signals._on_save(signal.SIGUSR1, None)
     t.step = 15
-    source.log(source.log_values())
+    source.log(source.log_values(t.step), t.step)
     turn = source.next(15)  # the next turn, at the same step on every rank: save now
     assert turn.save and not turn.stop and t.polls == [SIGNAL_POLL_EVERY]  # no poll of its own
     assert not source.next(15).save  # once
@@ -159,11 +159,11 @@ def test_signals_ride_on_log_steps_and_are_acted_on_at_the_same_step() -> None:
 def test_poll_interval_follows_the_step_time() -> None:
     """Rank 0 proposes how many steps take about a second; with log steps closer than that, no poll of its own."""
     t = FakeTrainer()
-    source = EpochSource(t)  # type: ignore[arg-type]
-    source.start()
+    source = t.source()
+    source.start(t.step)
     source.window_at -= 1.0  # 100 steps in the last second: a proposal of ~100 steps
     t.step = 100
-    source.log(source.log_values())
+    source.log(source.log_values(t.step), t.step)
     assert 90 <= source.poll_every <= 100
     t.signals.stop_signal = signal.SIGTERM
     t.step = 150

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from workers import testhooks
+from workers import contract, testhooks
 
 FORMAT_VERSION = 1
 MODEL, OPTIMIZER, TRAIN_STATE, RNG, CONFIG, META = "model", "optimizer", "train_state", "rng", "config", "meta"
@@ -253,3 +253,13 @@ class CheckpointManager:
             return None
         # weights_only: a checkpoint is data, never code
         return torch.load(ckpt_path(self.directory, step), map_location="cpu", weights_only=True)
+
+
+def for_run(run_dir: Path, comm: Any, cfg: dict[str, Any], every: int, keep: int, async_save: bool
+            ) -> CheckpointManager:
+    """The run's manager (RUN_DIR/checkpoints); the metadata a resume checks: the world, the comm, the config's
+    hash and torch's version."""
+    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    meta = {"world_size": comm.world_size, "comm": comm.name, "config_hash": config_hash,
+            "torch_version": str(torch.__version__)}
+    return CheckpointManager(contract.checkpoint_dir(run_dir), comm, every, keep, meta, async_save=async_save)

@@ -1,13 +1,22 @@
-"""Metrics: the default loss and accuracy, and TensorBoard on rank 0 (a no-op logger elsewhere, decided once)."""
+"""Metrics: the default loss and accuracy; what rank 0 reports: TensorBoard (a no-op logger elsewhere, decided
+once), the progress bar, a restart's record."""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from workers import contract
+from workers.contract import failure
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -108,4 +117,38 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class _Lines:
+    """tqdm target for pipes and log files: one line per refresh instead of carriage returns."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int | None, initial: int, enabled: bool, desc: str) -> tqdm:
+    """tqdm on rank 0: redrawn in place on a terminal, a line every few seconds in a log."""
+    from tqdm import tqdm
+
+    tty = sys.stdout.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
+                file=sys.stdout if tty else _Lines(sys.stdout), mininterval=1.0 if tty else 5.0,
+                ascii=not tty, ncols=None if tty else 100)
+
+
+def recovery(run_dir: Path, attempt: int) -> dict[str, float]:
+    """TensorBoard's record of a restart: its number and the seconds from the failure to this first step."""
+    out = {"restarts/count": float(attempt)}
+    failed = failure.read(contract.failure_file(contract.attempt_dir(run_dir, attempt - 1)))
+    if failed is not None:  # the launcher writes it; a bare torchrun does not
+        out["restarts/recovery_s"] = time.time() - failed.at
     return out

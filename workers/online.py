@@ -27,7 +27,9 @@ from workers.data.stream import Position, Record, StreamReader, resume_point
 from workers.sources import STOP_SIGNAL, Turn
 
 if TYPE_CHECKING:
-    from workers.trainer import Trainer
+    from workers.config import OnlineConfig
+    from workers.distributed.comm import Comm
+    from workers.signals import SignalFlags
 
 
 class StreamSource:
@@ -36,8 +38,9 @@ class StreamSource:
     name = "online"
     finish_on_stop = True  # a stop or a silent stream still ends with a checkpoint, an evaluation and result.json
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.comm, self.o = trainer, trainer.comm, trainer.cfg.online
+    def __init__(self, online: OnlineConfig, comm: Comm, signals: SignalFlags, seed: int) -> None:
+        self.o, self.comm, self.signals, self.seed = online, comm, signals, seed
+        self.step = 0  # the step of the current turn
         self.batch_size = self.o.batch_size
         self.records = 0  # records trained, all ranks
         self.committed = Position()  # this rank's stream position after its last trained record
@@ -65,8 +68,8 @@ class StreamSource:
         self.last_save = time.monotonic()
 
     # -- batches -----------------------------------------------------------------------------
-    def start(self) -> None:
-        cfg, comm = self.trainer.cfg, self.comm
+    def start(self, step: int) -> None:
+        comm = self.comm
         start, skip = Position(), (lambda _index: False)
         if self.resume_from:
             start, skip = resume_point(self.resume_from, comm.world_size, comm.rank)
@@ -76,11 +79,11 @@ class StreamSource:
                       flush=True)
         self.committed = start
         self.reader = StreamReader(self.o, self.o.features, self.o.classes, comm.rank, comm.world_size, start, skip,
-                                   cfg.seed)
+                                   self.seed)
 
     def next(self, step: int) -> Turn:
         """Agree with the other ranks on this turn: train, wait for records, save, or stop."""
-        reader, signals = self.reader, self.trainer.signals
+        reader, signals, self.step = self.reader, self.signals, step
         has_batch = reader.fill(self.o.poll_s)
         clock_due = self.comm.is_main and 0 < self.o.checkpoint_every_s < time.monotonic() - self.last_save
         local = torch.tensor([signals.stop_signal > 0, signals.take_save_request(), not has_batch,
@@ -112,14 +115,14 @@ class StreamSource:
         self.seen, self.correct = self.seen + len(self.batch), self.correct + hits.sum().item()
         if testhooks.SAMPLE_LOG:
             with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
-                f.write(f"{self.trainer.step + 1} " + " ".join(str(r.index) for r in self.batch) + "\n")
+                f.write(f"{self.step + 1} " + " ".join(str(r.index) for r in self.batch) + "\n")
 
     # -- metrics -----------------------------------------------------------------------------
-    def log_values(self) -> list[float]:
+    def log_values(self, step: int) -> list[float]:
         """This rank's window and run totals, summed over the ranks in the log step's all-reduce (Trainer.agree)."""
         return [sum(self.window_loss), sum(self.window), len(self.window), self.correct, self.seen, self.reader.bad]
 
-    def log(self, sums: list[float]) -> dict[str, float]:
+    def log(self, sums: list[float], step: int) -> dict[str, float]:
         """The rolling prequential metrics over all ranks, from the sums of :meth:`log_values`."""
         win_loss, win_hits, win_n, hits, n, bad = sums
         return {"online/prequential_loss": win_loss / max(win_n, 1),
@@ -132,12 +135,12 @@ class StreamSource:
         total = self.comm.allreduce_mean(torch.tensor(values, dtype=torch.float64, device=self.comm.device))
         return (total * self.comm.world_size).tolist()
 
-    def summary(self, ended: str, result: dict[str, float]) -> tuple[dict[str, float], str]:
+    def summary(self, ended: str, result: dict[str, float], step: int) -> tuple[dict[str, float], str]:
         """The end of the run (a collective): totals for result.json, and the closing line."""
         hits, n, bad = self._sum(self.correct, self.seen, self.reader.bad)
         accuracy = hits / max(n, 1)
         result = {**result, "online/prequential_accuracy_run": accuracy, "online/bad_records": bad,
                   "online/records": self.records}
-        return result, (f"online: ended ({ended}) at step {self.trainer.step} after {self.records} records; "
+        return result, (f"online: ended ({ended}) at step {step} after {self.records} records; "
                         f"prequential accuracy {accuracy:.4f}, {int(bad)} bad records; "
                         f"test accuracy {result.get('test/accuracy', float('nan')):.4f}")

@@ -4,8 +4,9 @@ Before each step the loop asks its source for a :class:`Turn`: the micro-batches
 this turn (a stream waiting for records); whether to checkpoint now; whether to stop. A source also
 owns its part of the checkpoint (the loader position, or every rank's stream position), adds its own
 metrics at log steps, and writes the closing line. Both sources share one interface:
-``name``, ``batch_size``, ``finish_on_stop``, ``start``, ``next``, ``trained``, ``before_save``,
-``state_dict``/``load_state_dict``, ``log_values``/``log`` and ``summary``.
+``name``, ``batch_size``, ``finish_on_stop``, ``start``, ``restart``, ``next``, ``trained``, ``before_save``,
+``state_dict``/``load_state_dict``, ``log_values``/``log`` and ``summary``. A source is built from what it uses
+(loader or stream config, comm, signal flags), not from the trainer: the loop passes the step.
 
 A log step makes one all-reduce (Trainer.agree): the loss, and the source's ``log_values()`` summed
 over the ranks, which ``log(sums)`` turns into TensorBoard scalars (and, in batch mode, into the
@@ -16,16 +17,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from workers.signals import Requests
+from workers.signals import Requests, SignalFlags
 
 if TYPE_CHECKING:
-    from workers.trainer import Trainer
+    from workers.data.loader import TrainLoader
+    from workers.distributed.comm import Comm
 
 SIGNAL_POLL_EVERY = 10  # steps between checks for stop/save requests until the first log step measured a step
 SIGNAL_POLL_S = 1.0  # then: ranks agree on requests at least about this often (log steps, else a poll of its own)
@@ -50,43 +52,45 @@ class EpochSource:
     name = "train"
     finish_on_stop = False  # a stop signal saves and exits at once: the run resumes later
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.batch_size = int(trainer.cfg.data["batch_size"])
+    def __init__(self, loader: TrainLoader, comm: Comm, signals: SignalFlags, accum: int,
+                 batches: Callable[[], Iterator[Any]]) -> None:
+        # batches(): the loader's batches from its position on (the trainer's, which a test hook may wrap);
+        # loader: replaced when a reset re-shards the data (Trainer.reposition)
+        self.loader, self.comm, self.signals, self.accum, self.batches = loader, comm, signals, accum, batches
+        self.batch_size = loader.batch_size
         self.asked = Requests()  # what the ranks agreed on at the last log step, acted on at the next turn
         self.poll_every = SIGNAL_POLL_EVERY  # steps between agreements, the same on every rank
         self.agreed_at = 0  # the step of the last agreement (log step or poll)
         self.window_at, self.window_step = time.monotonic(), 0  # the log window's start, for poll_every
 
     def state_dict(self) -> dict[str, Any]:
-        return self.trainer.loader.state_dict()
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.trainer.loader.load_state_dict(state)
+        self.loader.load_state_dict(state)
 
-    def start(self) -> None:
-        loader = self.trainer.loader
-        if self.trainer.step and self.trainer.comm.is_main:
-            print(f"resuming from step {self.trainer.step} (epoch {loader.epoch}, sample {loader.position})",
-                  flush=True)
-        self.data = self.trainer.batches()
-        self.agreed_at = self.window_step = self.trainer.step
+    def start(self, step: int) -> None:
+        loader = self.loader
+        if step and self.comm.is_main:
+            print(f"resuming from step {step} (epoch {loader.epoch}, sample {loader.position})", flush=True)
+        self.data = self.batches()
+        self.agreed_at = self.window_step = step
         self.window_at = time.monotonic()
 
-    def restart(self) -> None:
+    def restart(self, step: int) -> None:
         """After the position changed under a running loop (a torchft heal): batches from the new position."""
-        self.data = self.trainer.batches()
-        self.agreed_at = self.window_step = self.trainer.step
+        self.data = self.batches()
+        self.agreed_at = self.window_step = step
 
     def next(self, step: int) -> Turn:
-        trainer, asked = self.trainer, self.asked
+        asked = self.asked
         # no log step for a while: a poll (a collective) of its own, where the comm allows it (not where a rank can
         # start mid-window: every rank must make the same collectives)
-        if step - self.agreed_at >= self.poll_every and trainer.comm.signal_polls:
-            asked, self.agreed_at = trainer.signals.poll(trainer.comm), step
+        if step - self.agreed_at >= self.poll_every and self.comm.signal_polls:
+            asked, self.agreed_at = self.signals.poll(self.comm), step
         self.asked = Requests()
-        return Turn(batches=itertools.islice(self.data, trainer.cfg.trainer.grad_accum_steps), save=asked.save,
-                    stop=asked.stop, ended=STOP_SIGNAL)
+        return Turn(batches=itertools.islice(self.data, self.accum), save=asked.save, stop=asked.stop,
+                    ended=STOP_SIGNAL)
 
     def before_save(self) -> None:
         pass
@@ -94,22 +98,22 @@ class EpochSource:
     def trained(self, outputs: torch.Tensor, targets: Any) -> None:
         pass
 
-    def log_values(self) -> list[float]:
+    def log_values(self, step: int) -> list[float]:
         """This rank's stop/save flags and, from rank 0 only (so the sum is its number, exactly, on every rank),
         how many steps take about SIGNAL_POLL_S: the poll interval until the next log step."""
-        step, now = self.trainer.step, time.monotonic()
+        now = time.monotonic()
         proposal = 0.0
-        if self.trainer.comm.is_main and now > self.window_at:
+        if self.comm.is_main and now > self.window_at:
             proposal = float(max(1, int(SIGNAL_POLL_S * (step - self.window_step) / (now - self.window_at))))
         self.window_at, self.window_step = now, step
-        return [*self.trainer.signals.local(), proposal]
+        return [*self.signals.local(), proposal]
 
-    def log(self, sums: list[float]) -> dict[str, float]:
+    def log(self, sums: list[float], step: int) -> dict[str, float]:
         stop, save, proposal = sums
-        self.asked, self.agreed_at = self.trainer.signals.agreed(stop, save), self.trainer.step
+        self.asked, self.agreed_at = self.signals.agreed(stop, save), step
         self.poll_every = max(1, round(proposal))
-        return {"train/epoch": self.trainer.loader.epoch}
+        return {"train/epoch": self.loader.epoch}
 
-    def summary(self, ended: str, result: dict[str, float]) -> tuple[dict[str, float], str]:
+    def summary(self, ended: str, result: dict[str, float], step: int) -> tuple[dict[str, float], str]:
         shown = ", ".join(f"{k.replace('/', ' ')} {v:.4f}" for k, v in result.items()) or "no eval split"
-        return result, f"step {self.trainer.step}: {shown}"
+        return result, f"step {step}: {shown}"

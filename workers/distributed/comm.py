@@ -76,3 +76,17 @@ def unscale_clip_step(optimizer: torch.optim.Optimizer, model: nn.Module, max_no
     else:
         optimizer.step()
     return norm
+
+
+def agree(comm: Comm, loss_sum: torch.Tensor, *parts: list[float]) -> tuple[float, list[list[float]]]:
+    """A log step's one all-reduce: (the loss averaged over the ranks, each part's values summed over them).
+    What rides along: the source's (batch mode's stop/save requests, online mode's prequential sums) and
+    the straggler detector's (every rank's local step time)."""
+    buffer = torch.tensor([0.0, *(v for part in parts for v in part)], dtype=torch.float64, device=comm.device)
+    buffer[0] = loss_sum
+    mean = comm.allreduce_mean(buffer).tolist()  # .tolist() syncs with the device
+    sums, start = [], 1
+    for part in parts:
+        sums.append([v * comm.world_size for v in mean[start : start + len(part)]])
+        start += len(part)
+    return mean[0], sums

@@ -43,3 +43,11 @@ def problems(ranks: list[dict[str, Any]], local_world_size: int, device: str) ->
         if shared:
             found.append(f"ranks share a GPU (one GPU per rank is the rule): {', '.join(shared)}")
     return found
+
+
+def check(ranks: list[dict[str, Any]], is_main: bool, local_world_size: int, device: str) -> None:
+    """Rank 0 prints the table; every rank raises on the same problems (they decide from the same data)."""
+    if is_main:
+        print(f"ranks:\n{table(ranks)}", flush=True)
+    if found := problems(ranks, local_world_size, device):
+        raise RuntimeError("pre-flight check failed: " + "; ".join(found))
