@@ -119,7 +119,7 @@ class StreamSource:
 
     # -- metrics -----------------------------------------------------------------------------
     def log_values(self, step: int) -> list[float]:
-        """This rank's window and run totals, summed over the ranks in the log step's all-reduce (Trainer.agree)."""
+        """This rank's window and run totals, summed over the ranks in the log step's all-reduce (comm.agree)."""
         return [sum(self.window_loss), sum(self.window), len(self.window), self.correct, self.seen, self.reader.bad]
 
     def log(self, sums: list[float], step: int) -> dict[str, float]:

@@ -8,7 +8,7 @@ metrics at log steps, and writes the closing line. Both sources share one interf
 ``state_dict``/``load_state_dict``, ``log_values``/``log`` and ``summary``. A source is built from what it uses
 (loader or stream config, comm, signal flags), not from the trainer: the loop passes the step.
 
-A log step makes one all-reduce (Trainer.agree): the loss, and the source's ``log_values()`` summed
+A log step makes one all-reduce (comm.agree): the loss, and the source's ``log_values()`` summed
 over the ranks, which ``log(sums)`` turns into TensorBoard scalars (and, in batch mode, into the
 stop/save requests that ride on it).
 """
@@ -55,7 +55,7 @@ class EpochSource:
     def __init__(self, loader: TrainLoader, comm: Comm, signals: SignalFlags, accum: int,
                  batches: Callable[[], Iterator[Any]]) -> None:
         # batches(): the loader's batches from its position on (the trainer's, which a test hook may wrap);
-        # loader: replaced when a reset re-shards the data (Trainer.reposition)
+        # loader: replaced when a reset re-shards the data (state.reposition)
         self.loader, self.comm, self.signals, self.accum, self.batches = loader, comm, signals, accum, batches
         self.batch_size = loader.batch_size
         self.asked = Requests()  # what the ranks agreed on at the last log step, acted on at the next turn

@@ -72,7 +72,7 @@ class StragglerDetector:
 
     def local(self, comm: Comm) -> list[float]:
         """At a log step: this rank's mean local step time over the window, at its place in a world-size vector of
-        zeros, for the log step's all-reduce (Trainer.agree) to sum; starts the next window. Empty for one rank."""
+        zeros, for the log step's all-reduce (comm.agree) to sum; starts the next window. Empty for one rank."""
         if comm.world_size == 1:
             return []
         times = [0.0] * comm.world_size

@@ -99,7 +99,7 @@ def _callable(program: torch.export.ExportedProgram, how: dict[str, Any]) -> Cal
 def evaluate(fn: Callable[[Any], Any], batches: list[Any], loss_fn: Callable, metric_fns: dict[str, Callable]
              ) -> dict[str, float]:
     """Sample-weighted means of the loss and each metric over the batches (a metric that returns None, such
-    as accuracy on regression targets, is left out) — what Trainer.evaluate reports."""
+    as accuracy on regression targets, is left out) — what workers/evaluate.py reports."""
     fns = {"loss": loss_fn, **metric_fns}
     sums, counts = dict.fromkeys(fns, 0.0), dict.fromkeys(fns, 0)
     for inputs, targets in batches:
