@@ -1,4 +1,7 @@
-"""Backends turn a LaunchPlan into commands. One small interface, one file per backend."""
+"""Backends wing: each turns a LaunchPlan into commands, behind one small interface (:class:`Backend`, here):
+torchrun.py, torchft.py (``--fault-tolerant`` on torchrun), horovodrun.py (with Horovod Elastic), mpirun.py.
+
+May import: launcher.plan (types, ssh), launcher.errors, launcher.supervise.procs, workers.contract."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Distributed plumbing: the rank environment, the Comm interface and its DDP/Horovod implementations,
-the mpi4py bootstrap and the pre-flight check."""
+"""Distributed wing: env.py (the rank's environment, read once), comm.py (the Comm interface every backend
+implements), ddp.py, horovod.py, ft.py (torchft), elastic.py (Horovod Elastic), mpi_env.py (the mpi4py
+bootstrap), topology.py (where each rank runs, checked before training); :func:`build_comm` picks one.
+
+May import: workers.contract, workers.config, workers.events; never the trainer or launcher/."""
 
 from __future__ import annotations
 
