@@ -1,4 +1,5 @@
 """Config wing: compose the Hydra config and check it before anything starts (compose.py), the composed-config
 cache (cache.py), and safe resume into an existing run directory (resume.py).
 
-May import: launcher.errors, launcher.resources, workers.config (the ranks' schema), workers.task."""
+May import: launcher.errors, launcher.resources, workers.config (the ranks' schema), workers.task,
+workers.files."""

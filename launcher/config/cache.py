@@ -17,11 +17,12 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from workers.files import read_json, write_json
 
 KEEP = 256  # entries; older ones are removed when a new one is written
 MAX_FILES = 500  # a config directory with more YAML files than this is not hashed on every launch: not cached
@@ -65,8 +66,8 @@ def _installed(package: str) -> Path:
 
 
 def get(folder: Path, name: str) -> tuple[dict[str, Any], set[str]] | None:
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        entry = json.loads((folder / f"{name}.json").read_text())
+    with contextlib.suppress(KeyError, TypeError):  # None (missing, unreadable) or not an entry
+        entry = read_json(folder / f"{name}.json")
         return entry["config"], set(entry["shipped"])
     return None
 
@@ -74,9 +75,7 @@ def get(folder: Path, name: str) -> tuple[dict[str, Any], set[str]] | None:
 def put(folder: Path, name: str, config: dict[str, Any], shipped: set[str]) -> None:
     with contextlib.suppress(OSError):  # a cache: a read-only home only costs the compose next time
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"config": config, "shipped": sorted(shipped)}))
-        tmp.replace(folder / f"{name}.json")
+        write_json(folder / f"{name}.json", {"config": config, "shipped": sorted(shipped)}, indent=None)
         entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[KEEP:]:
             old.unlink(missing_ok=True)

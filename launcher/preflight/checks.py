@@ -32,6 +32,7 @@ from launcher.plan.ssh import exported_env
 from launcher.plan.types import LaunchPlan
 from launcher.preflight.gather import Host, Target, gather
 from launcher.preflight.probe import SERIOUS_XIDS  # no torch import: that is inside its functions
+from workers.table import format_table
 
 SLOW = 0.5  # at most this fraction of the reference is slow (2x slower)
 # A lone link has no other link to be compared with, only gloo over the first host's loopback, and loopback is no
@@ -166,9 +167,7 @@ def rows(hosts: Sequence[Host], problems: Sequence[Problem]) -> list[dict[str, s
 
 def table(records: Sequence[Mapping[str, str]]) -> str:
     cols = list(records[0])
-    cells = [cols, *[[r[c] for c in cols] for r in records]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return format_table([cols, *[[r[c] for c in cols] for r in records]])
 
 
 def check(target: Target, env: Mapping[str, str], record: Path | None = None) -> int:

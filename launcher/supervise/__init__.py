@@ -3,4 +3,5 @@ supervisor.py starts the commands and streams their output, watch.py reads the r
 failures, procs.py is the process table, reaper.py the watchdog that outlives the launcher, node.py the agent
 around each host's command in an ssh fan-out.
 
-May import: launcher.backends, launcher.plan, launcher.errors, launcher.resources, workers.events."""
+May import: launcher.backends, launcher.plan, launcher.errors, launcher.resources, workers.events,
+workers.files."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.supervise.procs import alive
+from workers.files import read_json
 
 HANG_EXIT_CODE = 124  # the launcher's exit status after a hang, as timeout(1)'s
 TRACEBACK_LINES = 30
@@ -59,12 +60,6 @@ class Rank:
     @property
     def where(self) -> str:
         return f"{self.record.get('host', '?')}:{self.rank}"
-
-
-def read_json(path: Path) -> dict | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    return None
 
 
 class Watch:

@@ -12,32 +12,18 @@ import contextlib
 import csv
 import fcntl
 import io
-import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from workers.files import read_json, write_json, write_text
 
 MEMBERS = "members.json"  # in the sweep directory: [{index, name, overrides, params, max_steps}, ...]
 STATUS = "member.json"  # in a member's run directory: its identity and how it ended
 SUMMARY = "summary.csv"
 # status: pending (never started), running, finished, failed (exit_code), stopped (SIGINT/SIGTERM),
 # preempted (Slurm requeued it)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically: a reader (another array task, a rerun) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def members(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -118,9 +104,7 @@ def write_summary(sweep_dir: Path) -> Path:
         writer = csv.DictWriter(text, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-        tmp = path.with_name(f".{SUMMARY}.{os.getpid()}.tmp")
-        tmp.write_text(text.getvalue())
-        tmp.replace(path)
+        write_text(path, text.getvalue())
     return path
 
 
