@@ -10,6 +10,7 @@ it. The remote command is one string, as ssh hands it to the remote shell: it is
 
 from __future__ import annotations
 
+import functools
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -42,9 +43,15 @@ def ssh_argv(host: str, *, config: Path | None, timeout: int) -> list[str]:
     return ["ssh", *ssh_options(config=config, timeout=timeout), host]
 
 
+# shlex.quote, remembered: a fan-out to thousands of hosts quotes the same few dozen words (env, interpreter, run
+# directory) for every host, and quoting them anew was most of a large plan's time
+_quote = functools.lru_cache(maxsize=4096)(shlex.quote)
+
+
 def remote_shell(argv: Sequence[str], *, workdir: Path, env: Mapping[str, str]) -> str:
     """``cd WORKDIR && exec env K=V… ARGV…``: one string, as ssh hands it to the host's shell, every word quoted."""
-    return f"cd {shlex.quote(str(workdir))} && exec {shlex.join(['env', *(f'{k}={v}' for k, v in env.items()), *argv])}"
+    words = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
+    return f"cd {_quote(str(workdir))} && exec {' '.join(map(_quote, words))}"
 
 
 def remote_command(argv: Sequence[str], *, workdir: Path, python: str, env: Mapping[str, str],
