@@ -35,11 +35,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}. HINT: python -m launcher --help")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m launcher", description=MANUAL,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides, e.g. optimizer=sgd optimizer.lr=0.05")
+def _job_shape(p: argparse.ArgumentParser) -> None:
+    """Nodes, ranks per node, rendezvous, backend, restarts."""
     g = p.add_argument_group("job shape")
     g.add_argument("--nodes", type=NODES, default=None,
                    help="number of nodes (default 1; in Slurm: the allocation's), or MIN:MAX for an elastic job: a "
@@ -54,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="torchrun", choices=backend_names(), help="default: torchrun")
     g.add_argument("--max-restarts", "--max_restarts", type=INDEX, default=0,
                    help="restart all ranks this many times after a failure (default 0: fail fast)")
+
+
+def _hangs(p: argparse.ArgumentParser) -> None:
+    """The hang watch's timeouts and the restart backoff."""
     w = p.add_argument_group("hangs and restarts (seconds; 0 turns a check off)")
     w.add_argument("--hang-timeout", type=SECONDS, default=300,
                    help="a rank with no step (or eval batch) for this long is stuck: its stack and every other "
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--checkpoint-timeout", type=SECONDS, default=900, help="one checkpoint save (default 900)")
     w.add_argument("--restart-backoff", type=SECONDS, default=1.0,
                    help="wait before the first restart, doubled for each next one, at most 30 (default 1)")
+
+
+def _fault_tolerance(p: argparse.ArgumentParser) -> None:
+    """--fault-tolerant: torchft, or Horovod Elastic."""
     f = p.add_argument_group("training through failures (torchft; launcher/backends/torchft.py)")
     f.add_argument("--fault-tolerant", action="store_true",
                    help="one replica group per rank under torchft's lighthouse: when a rank dies the others go "
@@ -69,17 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "a live peer. With --backend horovod: Horovod Elastic (the survivors go on at the smaller "
                         "size, a restarted worker is added back)")
     f.add_argument("--lighthouse-port", type=PORT, default=29510, help="torchft lighthouse port (default 29510)")
+
+
+def _hosts(p: argparse.ArgumentParser) -> None:
+    """Several hosts started from this one over ssh."""
     s = p.add_argument_group("several hosts from this one (ssh fan-out; horovodrun and mpirun ssh themselves)")
     s.add_argument("--hosts", default=None, help="comma-separated hosts, NAME or NAME:SLOTS (default slots: --gpus)")
     s.add_argument("--hostfile", type=Path, default=None, help="'host slots=N' or 'host:N' per line")
     s.add_argument("--ssh-config", type=Path, default=None, help="ssh -F FILE (default: ~/.ssh/config)")
     s.add_argument("--ssh-timeout", type=COUNT, default=10, help="ssh connect timeout in seconds (default 10)")
+
+
+def _horovod(p: argparse.ArgumentParser) -> None:
+    """horovodrun's own options."""
     h = p.add_argument_group("horovod")
     h.add_argument("--controller", default="gloo", choices=("gloo", "mpi"), help="horovodrun controller")
     h.add_argument("--network-interface", default=None, help="horovodrun --network-interface")
     h.add_argument("--timeline", default=None, help="write a Horovod timeline to this file")
     h.add_argument("--fusion-threshold-mb", type=INDEX, default=None, help="Horovod tensor fusion buffer")
     h.add_argument("--cycle-time-ms", type=number(float, 0.001), default=None, help="Horovod cycle time")
+
+
+def _slurm(p: argparse.ArgumentParser) -> None:
+    """--slurm: what the sbatch script asks for."""
     sl = p.add_argument_group("Slurm submission (--slurm renders slurm/*.sbatch into the run directory, submits it)")
     sl.add_argument("--slurm", action="store_true", help="submit this job with sbatch instead of running it here")
     sl.add_argument("--wait", action="store_true", help="with --slurm: wait for the job; exit with its code")
@@ -93,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a shell line run before training, e.g. --setup 'module load cuda' (repeatable)")
     sl.add_argument("--usr1-before", type=INDEX, default=120, metavar="S",
                     help="Slurm sends USR1 this many seconds before the time limit: checkpoint + requeue")
+
+
+def _sweeps(p: argparse.ArgumentParser) -> None:
+    """-m: Hydra multirun."""
     m = p.add_argument_group("sweeps (Hydra multirun: a=1,2 b=x,y runs every combination; launcher/sweep/multirun.py)")
     m.add_argument("-m", "--multirun", action="store_true",
                    help="a sweep: one run per member in RUNS_ROOT/NAME/<member>/, with summary.csv")
@@ -101,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--objective", default=None, metavar="KEY",
                    help="what a sweeper plugin (hydra/sweeper=optuna) optimizes: a result.json key or train/loss "
                         "(default test/loss)")
+
+
+def _run_dir(p: argparse.ArgumentParser) -> None:
+    """Where the run lives, and resuming it."""
     r = p.add_argument_group("run directory")
     r.add_argument("--run-dir", type=Path, default=None, help="default: RUNS_ROOT/NAME or RUNS_ROOT/<timestamp>")
     r.add_argument("--name", default=None, help="run name; rerunning a name resumes it")
@@ -108,10 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-resume", action="store_true",
                    help="start at step 0; earlier checkpoints and TensorBoard files are moved aside, not deleted")
     r.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help="Hydra config directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m launcher", description=MANUAL,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra overrides, e.g. optimizer=sgd optimizer.lr=0.05")
+    for add_group in (_job_shape, _hangs, _fault_tolerance, _hosts, _horovod, _slurm, _sweeps, _run_dir):
+        add_group(p)
     p.add_argument("--dry-run", action="store_true", help="print the exact commands and env; start nothing")
     p.add_argument("--preflight", action="store_true",
                    help="first check every host (versions, GPUs, port, all-reduce bandwidth); exit 2 on a problem")
     return p
+
+
 
 
 def run(argv: list[str]) -> int:

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -32,15 +31,10 @@ from launcher.slurm import env as slurm_env
 from launcher.supervise import job
 from launcher.supervise.procs import TOKEN_VAR
 from workers import contract
+from workers.ports import free_port
 
 # wall-clock times of the launcher's own start-up, phase by phase (record_startup)
 STARTUP: dict[str, float] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_token(env: Mapping[str, str]) -> str:

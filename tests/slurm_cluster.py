@@ -11,12 +11,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from workers.ports import free_ports
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
 
@@ -49,17 +50,6 @@ def why_not() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt-get install slurm-wlm munge)"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _conf(d: Path, ports: list[int], cpus: int) -> str:
@@ -118,7 +108,7 @@ def slurm_cluster(d: Path) -> Iterator[Cluster]:
     subprocess.run(["mungekey", "-c", "-k", str(d / "munge.key")], check=True, capture_output=True)
     (d / "munge.key").chmod(0o600)
     conf = d / "slurm.conf"
-    conf.write_text(_conf(d, _free_ports(3), cpus=max(2, os.cpu_count() or 2)))
+    conf.write_text(_conf(d, free_ports(3), cpus=max(2, os.cpu_count() or 2)))
     cluster = Cluster(d, conf)
     env = {**os.environ, **cluster.env}
     procs: list[subprocess.Popen] = []

@@ -189,6 +189,23 @@ def test_dry_run_script_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"--tee 3 -m workers.rank {script} --x 1" in capsys.readouterr().out  # run as is, reporting to us
 
 
+def test_dry_run_of_thousands_of_hosts_stays_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4,000 hosts: the summary folds equal rank counts into one short line, and every host still gets its
+    command, once, on a line of its own (the output grows by a line or two per host, no more)."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"host{i} slots=8\n" for i in range(3998)) + "small0 slots=4\nsmall1 slots=4\n")
+    assert main(["--hostfile", str(hostfile), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = [line for line in lines if not line.startswith("  [")]
+    assert "  ranks           8 ranks on each of 3998 nodes, 4 on 2" in summary
+    assert "  world size      31992" in summary and max(map(len, summary)) < 200
+    commands = [line.partition("] cmd: ")[::2] for line in lines if "] cmd: " in line]
+    assert [name for name, _ in commands] == [f"  [host{i}" for i in range(3998)] + ["  [small0", "  [small1"]
+    assert all(argv.startswith("ssh ") and " --nnodes 4000 " in argv for _, argv in commands)
+    assert len(lines) <= len(summary) + 2 * 4000 and max(map(len, lines)) < 2000
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_is_the_manual() -> None:
     proc = run_launcher(["--help"], timeout=120)
     assert proc.returncode == 0

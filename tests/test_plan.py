@@ -355,3 +355,19 @@ def test_a_rank_pins_its_hosts_gpus() -> None:
     env = {"LAUNCHER_DEVICES": "nowhere.invalid=5;127.0.0.1=4"}  # no LAUNCHER_HOST: the address this host owns
     pin_devices(env)  # type: ignore[arg-type]
     assert env["CUDA_VISIBLE_DEVICES"] == "4"
+
+
+@pytest.mark.parametrize(
+    ("per_node", "expected"),
+    [
+        ([8] * 1000, "8 ranks on each of 1000 nodes"),
+        ([8] * 998 + [4, 4], "8 ranks on each of 998 nodes, 4 on 2"),
+        ([1], "1 rank on 1 node"),
+        ([4, 8, 8], "8 ranks on each of 2 nodes, 4 on 1"),
+        ([8] * 5 + [4] * 3 + [2] * 2 + [1, 3], "8 ranks on each of 5 nodes, 4 on 3, 2 on 2, other counts on 2 more"),
+    ],
+)
+def test_plan_summary_folds_equal_rank_counts(per_node: list[int], expected: str) -> None:
+    from launcher.supervise.job import rank_layout
+
+    assert rank_layout(per_node) == expected

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from workers import contract, testhooks
+from workers.files import atomic_write
 
 FORMAT_VERSION = 1
 MODEL, OPTIMIZER, TRAIN_STATE, RNG, CONFIG, META = "model", "optimizer", "train_state", "rng", "config", "meta"
@@ -49,29 +48,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(fileobj)`` to a temp file beside ``path``, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_steps(directory: Path) -> list[int]:
@@ -224,10 +200,11 @@ class CheckpointManager:
             torch.save(state, hashing)
 
         try:
-            atomic_write(path, dump)
+            atomic_write(path, dump, durable=True)
             manifest = {**state[META], "file": path.name, "size": path.stat().st_size,
                         "sha256": hashing.sha.hexdigest()}
-            atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()),
+                         durable=True)
         except (OSError, RuntimeError) as e:
             cause = hashing.error or e
             reason = getattr(cause, "strerror", None) or str(cause)

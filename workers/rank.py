@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from workers import contract, progress, testhooks
+from workers import contract, files, progress, testhooks
 from workers.distributed.env import DistEnv
 
 MAX_BACKOFF_S = 30.0
@@ -175,9 +175,7 @@ def finish(code: int, error: BaseException | None = None, *, peer_failed: bool =
               "trained": progress.trained(),
               "error_file": str(_files["error"]) if _files["error"].exists() else None,
               "log": _log_file()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    files.write_json(path, record, indent=None)
     progress.phase(contract.DONE if code == 0 else contract.FAILED)
 
 

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from launcher.backends import find_runner, runner
+from launcher.plan.ssh import ssh_options
 from launcher.plan.types import Cmd, LaunchPlan
 from workers import contract
 
@@ -31,8 +32,7 @@ class MpirunBackend:
             # other hosts get the launcher's NCCL_*/GLOO_*/… too, and rank 0's address as others reach it
             env = {**plan.forwarded_env, **env, "MASTER_ADDR": plan.master_addr}
             argv += ["--mca", "plm_rsh_args", " ".join(  # how mpirun's ssh reaches the hosts, as ours does
-                ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={plan.ssh_timeout}"]
-                + (["-F", str(plan.ssh_config)] if plan.ssh_config else []))]
+                ssh_options(config=plan.ssh_config, timeout=plan.ssh_timeout, keepalive=False))]
         for key, value in env.items():
             argv += ["-x", f"{key}={value}"]
         argv += [plan.python, "-m", contract.RANK_MODULE, "--mpi", *plan.program]  # MPI -> torchrun's env, then run

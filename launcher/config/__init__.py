@@ -2,4 +2,5 @@
 overrides and the compose call, in hydra.py), the composed-config cache (cache.py), and safe resume into an existing
 run directory (resume.py).
 
-May import: launcher.errors, launcher.resources, workers.config (the ranks' schema), workers.task, workers.contract."""
+May import: launcher.errors, launcher.resources, workers.config (the ranks' schema), workers.task, workers.contract,
+workers.files."""

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from launcher.config import hydra as composition
 from workers import config as schema
+from workers.files import read_json, write_json
 
 KEEP = 256  # entries; older ones are removed when a new one is written
 MAX_FILES = 500  # a config directory with more YAML files than this is not hashed on every launch: not cached
@@ -69,8 +69,8 @@ def _installed(package: str) -> Path:
 
 
 def get(folder: Path, name: str) -> tuple[dict[str, Any], set[str]] | None:
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        entry = json.loads((folder / f"{name}.json").read_text())
+    with contextlib.suppress(KeyError, TypeError):  # None (missing, unreadable) or not an entry
+        entry = read_json(folder / f"{name}.json")
         return entry["config"], set(entry["shipped"])
     return None
 
@@ -78,9 +78,7 @@ def get(folder: Path, name: str) -> tuple[dict[str, Any], set[str]] | None:
 def put(folder: Path, name: str, config: dict[str, Any], shipped: set[str]) -> None:
     with contextlib.suppress(OSError):  # a cache: a read-only home only costs the compose next time
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"config": config, "shipped": sorted(shipped)}))
-        tmp.replace(folder / f"{name}.json")
+        write_json(folder / f"{name}.json", {"config": config, "shipped": sorted(shipped)}, indent=None)
         entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[KEEP:]:
             old.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ it. The remote command is one string, as ssh hands it to the remote shell: it is
 
 from __future__ import annotations
 
+import functools
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -30,21 +31,35 @@ def exported_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(EXPORTED_PREFIXES)}
 
 
+def ssh_options(*, config: Path | None, timeout: int, keepalive: bool = True) -> list[str]:
+    """The options of every ssh the launcher starts, and of mpirun's (``keepalive=False``: as it always ran)."""
+    options = ["-o", "BatchMode=yes",  # never prompt: a password prompt would hang the launch
+               "-o", f"ConnectTimeout={timeout}"]
+    if keepalive:
+        options += ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6"]  # a dead host ends its node
+    return options + (["-F", str(config)] if config is not None else [])
+
+
 def ssh_argv(host: str, *, config: Path | None, timeout: int) -> list[str]:
-    argv = ["ssh", "-o", "BatchMode=yes",  # never prompt: a password prompt would hang the launch
-            "-o", f"ConnectTimeout={timeout}",
-            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6"]  # a dead host ends its node
-    if config is not None:
-        argv += ["-F", str(config)]
-    return [*argv, host]
+    return ["ssh", *ssh_options(config=config, timeout=timeout), host]
+
+
+# shlex.quote, remembered: a fan-out to thousands of hosts quotes the same few dozen words (env, interpreter, run
+# directory) for every host, and quoting them anew was most of a large plan's time
+_quote = functools.lru_cache(maxsize=4096)(shlex.quote)
+
+
+def remote_shell(argv: Sequence[str], *, workdir: Path, env: Mapping[str, str]) -> str:
+    """``cd WORKDIR && exec env K=V… ARGV…``: one string, as ssh hands it to the host's shell, every word quoted."""
+    words = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]
+    return f"cd {_quote(str(workdir))} && exec {' '.join(map(_quote, words))}"
 
 
 def remote_command(argv: Sequence[str], *, workdir: Path, python: str, env: Mapping[str, str],
                    marker: str) -> str:
     """The string ssh runs on the host: the node agent around ``argv``, every word quoted."""
-    inner = ["env", *(f"{k}={v}" for k, v in env.items()), python, "-m", "launcher.supervise.node", "--marker", marker,
-             "--", *argv]
-    return f"cd {shlex.quote(str(workdir))} && exec {shlex.join(inner)}"
+    return remote_shell([python, "-m", "launcher.supervise.node", "--marker", marker, "--", *argv], workdir=workdir,
+                        env=env)
 
 
 def ssh_node(plan: LaunchPlan, host: str, cmd: Cmd) -> Cmd:

@@ -32,6 +32,7 @@ from launcher.plan.ssh import exported_env
 from launcher.plan.types import LaunchPlan
 from launcher.preflight.gather import Host, Target, gather
 from launcher.preflight.probe import SERIOUS_XIDS  # no torch import: that is inside its functions
+from workers.table import format_table
 
 SLOW = 0.5  # at most this fraction of the reference is slow (2x slower)
 # A lone link has no other link to be compared with, only gloo over the first host's loopback, and loopback is no
@@ -73,10 +74,9 @@ def _versions(ok: list[Host], key: str, what: str) -> list[Problem]:
             for n, v in seen.items() if v != ref]
 
 
-def judge(hosts: Sequence[Host]) -> list[Problem]:
-    """Everything that makes these hosts unfit to train together; [] when all is well."""
-    found: list[Problem] = []
-    ok = [h for h in hosts if h.probe is not None]
+def _unreached(hosts: Sequence[Host]) -> list[Problem]:
+    """Hosts with no report: ssh did not get there, or the probe failed on it."""
+    found = []
     for h in hosts:
         if h.reachable == "no":
             found.append(Problem(h.name, "unreachable", f"{h.name} is unreachable over ssh ({h.error}). HINT: check "
@@ -85,40 +85,55 @@ def judge(hosts: Sequence[Host]) -> list[Problem]:
             found.append(Problem(h.name, "probe failed", f"the probe failed on {h.name} ({h.error}). HINT: every "
                                  "host needs the launcher's working directory and interpreter, with torch "
                                  "(one shared filesystem)"))
-    found += _versions(ok, "python", "Python") + _versions(ok, "torch", "torch") + _versions(ok, "nccl", "NCCL")
-    gpu_hosts = [h.name for h in ok if h.probe["cuda"]]
-    for h in ok:
-        p = h.probe
-        if gpu_hosts and not p["cuda"]:
-            found.append(Problem(h.name, "no GPU", f"{h.name} has no usable CUDA device, but {', '.join(gpu_hosts)} "
-                                 f"do. HINT: check `nvidia-smi` and the driver on {h.name}, and CUDA_VISIBLE_DEVICES"))
-        elif p["cuda"] and h.slots and p["gpus"] < h.slots:
-            found.append(Problem(h.name, f"{p['gpus']} GPUs", f"{h.name} has {p['gpus']} GPU(s) for {h.slots} ranks. "
-                                 f"HINT: give it {p['gpus']} slots ({h.name}:{p['gpus']}) or fix its GPUs"))
-        if not p["cuda"] and not p["gloo"]:
-            found.append(Problem(h.name, "no gloo", f"torch on {h.name} has no gloo backend. HINT: install a torch "
-                                 "build with distributed support"))
-        if p.get("ecc_errors"):
-            found.append(Problem(h.name, "ECC errors", f"{h.name}: {p['ecc_errors']} uncorrected ECC error(s). HINT: "
-                                 "drain the node; `nvidia-smi -q -d ECC`, then reset the GPU or replace it"))
-        if bad := sorted(set(p.get("xids") or ()) & SERIOUS_XIDS):
-            found.append(Problem(h.name, f"XID {','.join(map(str, bad))}", f"{h.name}: NVIDIA XID "
-                                 f"{', '.join(map(str, bad))} in the kernel log. HINT: drain the node; see "
-                                 "`dmesg | grep Xid` and NVIDIA's XID catalogue"))
-        if p.get("port_free") is False:
-            found.append(Problem(h.name, f"port {p['port']} busy", f"{h.name}: the rendezvous port {p['port']} is in "
-                                 f"use. HINT: stop what listens there (`ss -ltnp 'sport = :{p['port']}'`) or pick "
-                                 "another with --master-port"))
-        if p.get("local_error"):
-            found.append(Problem(h.name, "local all-reduce failed", f"{h.name}: {p['local_error']}. HINT: run "
-                                 f"`python -m launcher.preflight.probe` on {h.name} to see the whole error"))
+    return found
+
+
+def _health(h: Host, gpu_hosts: list[str]) -> list[Problem]:
+    """What is wrong with one host by its own report: GPUs, backends, ECC errors and XIDs, the port, the local
+    all-reduce."""
+    p, found = h.probe or {}, []
+    if gpu_hosts and not p["cuda"]:
+        found.append(Problem(h.name, "no GPU", f"{h.name} has no usable CUDA device, but {', '.join(gpu_hosts)} "
+                             f"do. HINT: check `nvidia-smi` and the driver on {h.name}, and CUDA_VISIBLE_DEVICES"))
+    elif p["cuda"] and h.slots and p["gpus"] < h.slots:
+        found.append(Problem(h.name, f"{p['gpus']} GPUs", f"{h.name} has {p['gpus']} GPU(s) for {h.slots} ranks. "
+                             f"HINT: give it {p['gpus']} slots ({h.name}:{p['gpus']}) or fix its GPUs"))
+    if not p["cuda"] and not p["gloo"]:
+        found.append(Problem(h.name, "no gloo", f"torch on {h.name} has no gloo backend. HINT: install a torch "
+                             "build with distributed support"))
+    if p.get("ecc_errors"):
+        found.append(Problem(h.name, "ECC errors", f"{h.name}: {p['ecc_errors']} uncorrected ECC error(s). HINT: "
+                             "drain the node; `nvidia-smi -q -d ECC`, then reset the GPU or replace it"))
+    if bad := sorted(set(p.get("xids") or ()) & SERIOUS_XIDS):
+        found.append(Problem(h.name, f"XID {','.join(map(str, bad))}", f"{h.name}: NVIDIA XID "
+                             f"{', '.join(map(str, bad))} in the kernel log. HINT: drain the node; see "
+                             "`dmesg | grep Xid` and NVIDIA's XID catalogue"))
+    if p.get("port_free") is False:
+        found.append(Problem(h.name, f"port {p['port']} busy", f"{h.name}: the rendezvous port {p['port']} is in "
+                             f"use. HINT: stop what listens there (`ss -ltnp 'sport = :{p['port']}'`) or pick "
+                             "another with --master-port"))
+    if p.get("local_error"):
+        found.append(Problem(h.name, "local all-reduce failed", f"{h.name}: {p['local_error']}. HINT: run "
+                             f"`python -m launcher.preflight.probe` on {h.name} to see the whole error"))
+    return found
+
+
+def _slow_local(ok: Sequence[Host]) -> list[Problem]:
+    """Hosts whose local all-reduce is slow next to the others' on the same backend."""
+    found = []
     for backend in ("gloo", "nccl"):
         local = {h.name: h.probe["local_gbps"] for h in ok
-                 if h.probe["local_backend"] == backend and h.probe["local_gbps"]}
+                 if h.probe and h.probe["local_backend"] == backend and h.probe["local_gbps"]}
         for name, ref in slow_ones(local).items():
             found.append(Problem(name, "slow local", f"{name}: local all-reduce {local[name]:.3g} GB/s, the others' "
                                  f"median {ref:.3g} GB/s. HINT: look for other jobs on it (top, nvidia-smi), clocks "
                                  "and throttling, and for GPUs the NVLink/PCIe topology (`nvidia-smi topo -m`)"))
+    return found
+
+
+def _links(hosts: Sequence[Host]) -> list[Problem]:
+    """Links to the first host that failed, or are slow (link_reference)."""
+    found = []
     first = hosts[0].name if hosts else ""
     for h in hosts[1:]:
         if h.link_error:
@@ -134,6 +149,16 @@ def judge(hosts: Sequence[Host]) -> list[Problem]:
                                  f" HINT: check {name}'s network: `ethtool` speed, errors, MTU, a traffic shaper "
                                  f"(`tc qdisc show`), or leave {name} out"))
     return found
+
+
+def judge(hosts: Sequence[Host]) -> list[Problem]:
+    """Everything that makes these hosts unfit to train together; [] when all is well."""
+    ok = [h for h in hosts if h.probe is not None]
+    gpu_hosts = [h.name for h in ok if h.probe and h.probe["cuda"]]
+    return [*_unreached(hosts),
+            *_versions(ok, "python", "Python"), *_versions(ok, "torch", "torch"), *_versions(ok, "nccl", "NCCL"),
+            *(problem for h in ok for problem in _health(h, gpu_hosts)),
+            *_slow_local(ok), *_links(hosts)]
 
 
 def link_reference(hosts: Sequence[Host]) -> tuple[dict[str, float], dict[str, float], float]:
@@ -166,9 +191,7 @@ def rows(hosts: Sequence[Host], problems: Sequence[Problem]) -> list[dict[str, s
 
 def table(records: Sequence[Mapping[str, str]]) -> str:
     cols = list(records[0])
-    cells = [cols, *[[r[c] for c in cols] for r in records]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return format_table([cols, *[[r[c] for c in cols] for r in records]])
 
 
 def check(target: Target, env: Mapping[str, str], record: Path | None = None) -> int:

@@ -10,7 +10,6 @@ deadline if the connection is gone.
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import tempfile
 import threading
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.plan.ssh import ssh_argv
+from launcher.plan.ssh import remote_shell, ssh_argv
 
 LOCAL_NAMES = ("localhost", "127.0.0.1")  # reached without ssh, as in the launch
 PROBE_TIMEOUT_S = 150  # a host's report: torch imports on a busy machine plus the local all-reduce
@@ -59,8 +58,7 @@ def probe_argv(target: Target, host: str, args: Sequence[str]) -> list[str]:
     inner = [target.python, "-m", "launcher.preflight.probe", *args]
     if target.local or host in LOCAL_NAMES:
         return inner
-    env = [f"{k}={v}" for k, v in target.env.items()]
-    remote = f"cd {shlex.quote(str(target.workdir))} && exec {shlex.join(['env', *env, *inner])}"
+    remote = remote_shell(inner, workdir=target.workdir, env=target.env)
     return [*ssh_argv(host, config=target.ssh_config, timeout=target.ssh_timeout), remote]
 
 

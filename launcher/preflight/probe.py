@@ -34,6 +34,8 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from workers.ports import free_port
+
 MIN_CALLS, MAX_CALLS = 3, 400  # timed all-reduces per measurement, within its time budget
 LOCAL_BUDGET_S, LINK_BUDGET_S = 2.0, 1.0  # a link is measured alone; the local probes of all hosts at once
 # a probe never outlives the preflight that started it, even if its ssh connection is gone without an EOF:
@@ -43,12 +45,6 @@ IDLE_S = 900  # waiting for its turn in the links (they are measured one after a
 # failure, NVLink error, fallen off the bus, contained/uncontained ECC, GSP errors. Others (13, 31, 43: an
 # application's fault) are listed but do not fail the host.
 SERIOUS_XIDS = {48, 63, 64, 74, 79, 92, 94, 95, 119, 120}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def port_free(port: int) -> bool:

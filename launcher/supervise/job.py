@@ -6,6 +6,7 @@ import json
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,11 +21,24 @@ from workers import contract
 from workers.config import to_yaml
 
 
+def rank_layout(per_node: list[int], most: int = 3) -> str:
+    """Ranks per node, equal counts folded: ``8 ranks on each of 998 nodes, 4 on 2``. A few thousand hosts stay
+    one short line: the ``most`` commonest counts are named, the rest only counted (the world size is on
+    its own line)."""
+    groups = Counter(per_node).most_common()
+    (ranks, nodes), rest = groups[0], groups[1:]
+    parts = [f"{ranks} rank{'s' * (ranks != 1)} on " + (f"each of {nodes} nodes" if nodes > 1 else "1 node")]
+    parts += [f"{r} on {n}" for r, n in rest[:most - 1]]
+    if others := rest[most - 1:]:
+        parts.append(f"other counts on {sum(n for _, n in others)} more")
+    return ", ".join(parts)
+
+
 def describe(plan: LaunchPlan) -> str:
     """The plan as an aligned block, then each command exactly as it will run."""
     facts = {"backend": plan.backend, "device": plan.device + (" (NCCL)" if plan.device == "cuda" else " (gloo)"),
              "nodes": f"{plan.min_nodes}:{plan.nnodes} (elastic)" if plan.elastic else plan.nnodes,
-             "ranks per node": ",".join(str(n) for _, n in plan.hosts) if plan.hosts else plan.nproc_per_node,
+             "ranks": rank_layout([n for _, n in plan.hosts] or [plan.nproc_per_node] * plan.nnodes),
              "world size": plan.world_size,
              "node rank": plan.node_rank, "master": f"{plan.master_addr}:{plan.master_port}",
              "max restarts": plan.max_restarts,

@@ -16,7 +16,6 @@ Every rank keeps ``RUN_DIR/attempts/<N>/rank<R>.progress`` (phase, step) current
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from launcher.supervise.procs import alive
 from workers import contract
 from workers.contract import CHECKPOINT, DATA, EVAL, INIT, PHASES, STEP
 from workers.contract.failure import HANG, Failure
+from workers.files import read_json
 
 HANG_EXIT_CODE = 124  # the launcher's exit status after a hang, as timeout(1)'s
 TRACEBACK_LINES = 30
@@ -62,12 +62,6 @@ class Rank:
     @property
     def where(self) -> str:
         return f"{self.record.get('host', '?')}:{self.rank}"
-
-
-def read_json(path: Path) -> dict | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    return None
 
 
 class Watch:

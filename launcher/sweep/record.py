@@ -12,8 +12,6 @@ import contextlib
 import csv
 import fcntl
 import io
-import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from workers import contract
+from workers.files import read_json, write_json, write_text
 
 MEMBERS = "members.json"  # in the sweep directory: [{index, name, overrides, params, max_steps}, ...]
 STATUS = "member.json"  # in a member's run directory: its identity and how it ended
@@ -52,20 +51,6 @@ class Member:
     def from_json(cls, data: dict[str, Any]) -> Member:
         return cls(index=data["index"], name=data["name"], overrides=list(data["overrides"]),
                    params=dict(data.get("params", {})), max_steps=data.get("max_steps"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically: a reader (another array task, a rerun) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def members(sweep_dir: Path) -> list[Member]:
@@ -147,9 +132,7 @@ def write_summary(sweep_dir: Path) -> Path:
         writer = csv.DictWriter(text, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-        tmp = path.with_name(f".{SUMMARY}.{os.getpid()}.tmp")
-        tmp.write_text(text.getvalue())
-        tmp.replace(path)
+        write_text(path, text.getvalue())
     return path
 
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from workers.files import write_json
+
 HANG = "hang"
 EXIT_ONLY = ("local_rank", "note", "error_file", "log", "log_tail")
 HANG_ONLY = ("stalled_s", "timeout_s", "stacks")
@@ -71,9 +73,7 @@ class Failure:
 
     def write(self, path: Path) -> None:
         """Atomically: a reader (the restarted ranks, a benchmark) never sees half a file."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        write_json(path, self.to_json())
 
 
 def read(path: Path) -> Failure | None:

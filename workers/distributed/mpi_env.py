@@ -14,11 +14,7 @@ from __future__ import annotations
 import os
 import socket
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from workers.ports import free_port
 
 
 def _own_address() -> str:
@@ -39,7 +35,7 @@ def torchrun_env() -> dict[str, str]:
     node_rank = leaders.Get_rank() if leaders != MPI.COMM_NULL else -1
     node_rank = node.bcast(node_rank, root=0)
     master = world.bcast((os.environ.get("MASTER_ADDR") or _own_address(),
-                          int(os.environ.get("MASTER_PORT") or _free_port())) if world.Get_rank() == 0 else None,
+                          int(os.environ.get("MASTER_PORT") or free_port())) if world.Get_rank() == 0 else None,
                          root=0)
     return {"RANK": str(world.Get_rank()), "WORLD_SIZE": str(world.Get_size()),
             "LOCAL_RANK": str(node.Get_rank()), "LOCAL_WORLD_SIZE": str(node.Get_size()),

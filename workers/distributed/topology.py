@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from workers.table import format_table
+
 
 def describe_rank(rank: int, local_rank: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
@@ -20,9 +22,7 @@ def describe_rank(rank: int, local_rank: int) -> dict[str, Any]:
 
 def table(ranks: list[dict[str, Any]]) -> str:
     cols = ("rank", "local_rank", "host", "device", "gpus", "torch", "nccl")
-    rows = [cols, *[tuple(str(r.get(c, "-")) for c in cols) for r in ranks]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return format_table([cols, *[tuple(str(r.get(c, "-")) for c in cols) for r in ranks]])
 
 
 def problems(ranks: list[dict[str, Any]], local_world_size: int, device: str) -> list[str]:

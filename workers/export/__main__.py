@@ -1,4 +1,4 @@
-"""``python -m workers.export RUN_DIR --out DIR [--step N] [--quantize]``: see workers/export/__init__.py."""
+"""``python -m workers.export RUN_DIR --out DIR [--step N] [--quantize]``: see workers/export/build.py."""
 
 import sys
 
