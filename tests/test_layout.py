@@ -1,0 +1,45 @@
+"""README's Layout lists every module of launcher/ and workers/, one line each, and nothing that is gone (#25)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def modules() -> set[str]:
+    """Every module with code of its own (an ``__init__.py`` that only documents or re-exports is its wing's)."""
+    found = set()
+    for package in ("launcher", "workers"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name == "__main__.py":
+                continue
+            defines = any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.parse(path.read_text()).body)
+            if path.name == "__init__.py" and (path.parent == ROOT / package or not defines):
+                continue
+            found.add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def listed() -> set[str]:
+    """``launcher/`` or ``workers/`` opens a section; each ``  path.py  what it holds`` line in it is a module."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    found, package = set(), ""
+    for line in block[:block.index("```")].splitlines():
+        if head := re.match(r"^(launcher|workers)/ ", line):
+            package = head.group(1)
+        elif line and not line.startswith(" "):
+            package = ""
+        elif package and (m := re.match(r"^  ([\w/]+\.py) ", line)):
+            found.add(f"{package}/{m.group(1)}")
+    return found
+
+
+def test_readme_layout_lists_every_module_once() -> None:
+    on_disk, in_readme = modules(), listed()
+    assert on_disk - in_readme == set(), "modules missing from README's Layout"
+    assert in_readme - on_disk == set(), "README's Layout lists modules that are gone"
