@@ -211,13 +211,15 @@ class Trainer:
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
         self.reposition(int(state["step"]), state[ck.TRAIN_STATE])
 
-    def position(self) -> tuple[int, dict[str, Any]]:
-        """(step, data position): what Horovod Elastic commits beside the weights and the optimizer."""
-        return self.step, self.source.state_dict()
+    def position(self) -> tuple[int, dict[str, Any], int]:
+        """(step, data position, newest checkpoint's step): what Horovod Elastic commits beside the weights and the
+        optimizer."""
+        return self.step, self.source.state_dict(), self.saved_step
 
-    def reposition(self, step: int, train_state: dict[str, Any]) -> None:
+    def reposition(self, step: int, train_state: dict[str, Any], saved_step: int | None = None) -> None:
         """Go on from ``step`` at the data position ``train_state``, after a heal (torchft) or an elastic reset
-        (Horovod), whose world may have another size: the loader re-shards the rest of the epoch for this rank."""
+        (Horovod), whose world may have another size: the loader re-shards the rest of the epoch for this rank.
+        ``saved_step`` (Horovod Elastic: rank 0's) makes every rank agree on which step is on disk already."""
         if (self.loader.rank, self.loader.world_size) != (self.comm.rank, self.comm.world_size):
             self.loader.close()
             self.loader = TrainLoader(self.loader.dataset, self.loader.batch_size, self.comm.world_size,
@@ -226,6 +228,8 @@ class Trainer:
         self.peak = task.peak_lr(self.cfg, self.comm.world_size)  # scale_lr_with_world_size follows the new size
         self.source.load_state_dict(train_state)
         self.step = step
+        if saved_step is not None:
+            self.saved_step = saved_step
         self.source.restart()
 
     # -- data --------------------------------------------------------------------------------
