@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TOKEN_VAR, finish, run_processes, start, tb_scalars, token_processes, wait_for
+from conftest import ROOT, TOKEN_VAR, finish, launch, run_processes, start, tb_scalars, token_processes, wait_for
 
 from bench.goodput_suite import elastic_pids, elastic_workers
 from launcher.errors import UsageError
@@ -142,6 +142,22 @@ def test_launcher_killed_leaves_nothing_and_the_job_resumes_from_disk(tmp_path: 
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
     assert f"resuming from step {saved}" in out
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 300
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_a_finished_run_started_again_evaluates_and_ends(tmp_path: Path) -> None:
+    """A restart from disk at trainer.max_steps (the launcher's restart of horovodrun that failed at the very end)
+    ends as a plain run does. Only rank 0 finds the checkpoint (nothing is collective before the loop), so the
+    ranks once disagreed on whether the last step was saved, and waited for ever in different collectives."""
+    args = ["--backend", "horovod", "--fault-tolerant", "trainer.max_steps=20", "trainer.log_every=10",
+            "trainer.eval_every=1000", "trainer.checkpoint_every=10"]
+    launch(tmp_path, *args)
+    code, out, err = finish(start(tmp_path, *args), timeout=180)
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    assert "resuming from step 20" in out and "step 20: test accuracy" in out
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 20
 
 
 @pytest.mark.slow

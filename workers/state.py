@@ -70,14 +70,16 @@ def load_healed(tr: Trainer, state: dict[str, Any]) -> None:
     reposition(tr, int(state["step"]), state[ck.TRAIN_STATE])
 
 
-def position(tr: Trainer) -> tuple[int, dict[str, Any]]:
-    """(step, data position): what Horovod Elastic commits beside the weights and the optimizer."""
-    return tr.step, tr.source.state_dict()
+def position(tr: Trainer) -> tuple[int, dict[str, Any], int]:
+    """(step, data position, newest checkpoint's step): what Horovod Elastic commits beside the weights and the
+    optimizer."""
+    return tr.step, tr.source.state_dict(), tr.saved_step
 
 
-def reposition(tr: Trainer, step: int, train_state: dict[str, Any]) -> None:
+def reposition(tr: Trainer, step: int, train_state: dict[str, Any], saved_step: int | None = None) -> None:
     """Go on from ``step`` at the data position ``train_state``, after a heal (torchft) or an elastic reset
-    (Horovod), whose world may have another size: the loader re-shards the rest of the epoch for this rank."""
+    (Horovod), whose world may have another size: the loader re-shards the rest of the epoch for this rank.
+    ``saved_step`` (Horovod Elastic: rank 0's) makes every rank agree on which step is on disk already."""
     comm, loader = tr.comm, tr.loader
     if (loader.rank, loader.world_size) != (comm.rank, comm.world_size):
         loader.close()
@@ -88,4 +90,6 @@ def reposition(tr: Trainer, step: int, train_state: dict[str, Any]) -> None:
     tr.peak = task.peak_lr(tr.cfg, comm.world_size)  # scale_lr_with_world_size follows the new size
     tr.source.load_state_dict(train_state)
     tr.step = step
+    if saved_step is not None:
+        tr.saved_step = saved_step
     tr.source.restart(step)

@@ -24,7 +24,7 @@ from workers import contract, events
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 
-Position = tuple[int, dict[str, Any]]
+Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
 
 def _slots(path: Path) -> dict[str, int]:
@@ -50,27 +50,31 @@ class ElasticComm(HorovodComm):
             self.device = pick_device(list(slots).index(host))
         self.state: Any = None
         self.get_position: Callable[[], Position] | None = None
-        self.set_position: Callable[[int, dict[str, Any]], None] | None = None
+        self.set_position: Callable[[int, dict[str, Any], int], None] | None = None
         self.last_step_at = time.monotonic()
         self.reset_at: float | None = None  # a reset happened: the first step after it records the stall
         self.last_step = 0
 
-    def register(self, get_position: Callable[[], Position], set_position: Callable[[int, dict[str, Any]], None]
-                 ) -> None:
+    def register(self, get_position: Callable[[], Position],
+                 set_position: Callable[[int, dict[str, Any], int], None]) -> None:
         self.get_position, self.set_position = get_position, set_position
 
     def drive(self, loop: Callable[[], dict[str, float]]) -> dict[str, float]:
         assert self.get_position is not None and self.set_position is not None
-        step, data = self.get_position()
-        # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps
-        self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data)
+        step, data, saved = self.get_position()
+        # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps. ``saved``
+        # travels with the step: only rank 0 found the checkpoint it resumed from (nothing is collective before the
+        # loop), and a rank that skips a save its peers make waits in the save's barrier while they evaluate
+        self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data,
+                                            saved=saved)
         self.state.register_reset_callbacks([self._on_reset])
 
         @hvd.elastic.run
         def run(state: Any) -> dict[str, float]:
             self._refresh()
             assert self.set_position is not None
-            self.set_position(state.step, state.data)  # the committed (or broadcast) position, this world's shard
+            # the committed (or broadcast) position, this world's shard
+            self.set_position(state.step, state.data, state.saved)
             return loop()
 
         return run(self.state)
@@ -106,7 +110,7 @@ class ElasticComm(HorovodComm):
         self.last_step = step
         if step % self.commit_every == 0:
             assert self.get_position is not None
-            _, self.state.data = self.get_position()  # the data position after this step
+            _, self.state.data, self.state.saved = self.get_position()  # the data position after this step
             self.state.step = step  # (the trainer counts the step once this returns)
             # in memory; then raises HostsUpdatedInterrupt if a worker is to be added: all reset, it gets the state
             self.state.commit()
