@@ -108,8 +108,44 @@ def test_killed_worker_the_other_goes_on_and_it_rejoins(tmp_path: Path) -> None:
     reset = next(e for e in events(tmp_path) if e["kind"] == "reset")
     assert 0 <= reset["redo"] < 10  # rolled back to the last commit (trainer.elastic_commit_every=10)
     assert "horovod elastic: reset at step" in out
+    slots = [(e["kind"], e["slot"]) for e in events(tmp_path) if e["kind"] in ("failure", "rejoin")]
+    assert len(slots) == 2 and slots[0][0] == "failure" and slots[1] == ("rejoin", slots[0][1]), slots
     steps = [s for s, _ in tb_scalars(tmp_path)["train/loss"]]
     assert steps[-1] == 600
+    assert not run_processes(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_a_slot_past_its_max_restarts_is_not_started_again_and_the_other_goes_on(tmp_path: Path) -> None:
+    """--max-restarts counts per slot: the killed slot comes back once; killed again, it stays out."""
+    proc = start(tmp_path, "--backend", "horovod", "--fault-tolerant", "--max-restarts", "1", "trainer.max_steps=500",
+                 "trainer.log_every=10", "trainer.eval_every=1000", "trainer.checkpoint_every=50",
+                 env={"LAUNCHER_TEST_SLOW_STEP_S": "0.03"})
+    try:
+        wait_for(lambda: len(elastic_workers(tmp_path)) == 2
+                 and (tmp_path / "checkpoints" / "step-00000050.json").exists())
+        pids = elastic_pids(tmp_path)
+        survivor, victim = pids[0], pids[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(elastic_workers(tmp_path)) == 2 and victim not in elastic_workers(tmp_path))
+        wait_for(lambda: any(e["kind"] == "rejoin" for e in events(tmp_path)))  # in the world again, training
+        (again,) = set(elastic_workers(tmp_path)) - {survivor}
+        os.kill(again, signal.SIGKILL)
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    failures = [e for e in events(tmp_path) if e["kind"] == "failure"]
+    assert [e["failures"] for e in failures] == [1, 2] and failures[0]["slot"] == failures[1]["slot"], failures
+    assert "more than --max-restarts 1: not started again" in out
+    slot = failures[0]["slot"]
+    listed = [line.rsplit(":", 1)[0] for line in (tmp_path / "elastic_hosts.txt").read_text().split()]
+    assert slot not in listed and len(listed) == 1  # out of discovery's listing
+    assert [e["kind"] for e in events(tmp_path)].count("rejoin") == 1  # it came back once only
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 500  # the survivor finished alone
     assert not run_processes(tmp_path)
 
 

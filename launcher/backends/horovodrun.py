@@ -62,6 +62,8 @@ class HorovodBackend:
         argv += [plan.python, *program]
         env = {**plan.env, contract.ATTEMPT_ENV: str(plan.attempt), "MASTER_ADDR": plan.master_addr,
                "MASTER_PORT": str(plan.master_port)}
+        if plan.fault_tolerant:  # each slot's own --max-restarts: Horovod would start a failed slot again for ever
+            env[contract.MAX_RESTARTS_ENV] = str(plan.max_restarts)
         return [Cmd(argv=tuple(argv), env=env, name="horovodrun",
                     rank_marker=plan.rank_marker, relabel=(r"\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
 

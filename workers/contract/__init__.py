@@ -13,6 +13,7 @@ from pathlib import Path
 # -- the environment the launcher sets for every rank (launcher/plan/planner.py, launcher/backends/) -----------------
 RUN_DIR_ENV = "LAUNCHER_RUN_DIR"  # the run directory (a replica group's own, RUN_DIR/groups/G, under torchft)
 ATTEMPT_ENV = "LAUNCHER_ATTEMPT"  # the launcher's restart count (mpirun, horovodrun: no TORCHELASTIC_RESTART_COUNT)
+MAX_RESTARTS_ENV = "LAUNCHER_MAX_RESTARTS"  # Horovod Elastic: each slot's budget (workers/distributed/elastic.py)
 HOST_ENV = "LAUNCHER_HOST"  # the host's name as the hostfile spells it (ssh fan-out)
 DEVICES_ENV = "LAUNCHER_DEVICES"  # "host=0,2;other=1": a hostfile's gpus=, CUDA_VISIBLE_DEVICES per host
 RESTART_BACKOFF_ENV = "LAUNCHER_RESTART_BACKOFF_S"  # seconds a restarted rank waits, doubled per restart

@@ -35,7 +35,8 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: M
         from workers.distributed.elastic import ElasticComm
 
         run_dir = Path(environ[contract.RUN_DIR_ENV]) if contract.RUN_DIR_ENV in environ else None
-        return ElasticComm(commit_every, run_dir, environ.get("HOROVOD_HOSTNAME", ""))
+        return ElasticComm(commit_every, run_dir, environ.get("HOROVOD_HOSTNAME", ""),
+                           int(environ.get(contract.MAX_RESTARTS_ENV, "3")))
     if kind == "horovod":
         from workers.distributed.horovod import HorovodComm  # lazy: horovod is an optional extra
 

@@ -8,7 +8,13 @@ re-forms the ring at the smaller size, and the loop goes on from there with the 
 (no sample of the epoch trained twice). A worker that comes back is added at the next commit and gets the state by
 broadcast from rank 0. Rank 0 (checkpoints, TensorBoard) is whoever has rank 0 after a reset. Every reset is one
 console line and one ``RUN_DIR/events.jsonl`` record, with the survivors' stall (the last step before the failure
-to the first one after)."""
+to the first one after).
+
+Each slot has its own ``--max-restarts``: Horovod starts a failed slot's worker again after its blacklist cooldown,
+for ever. After every reset the members agree on who is in the world (one allgather of the slot names, which a
+joining worker makes too); rank 0 records each slot that left (``failure``) or came back (``rejoin``), counts the
+failures per slot in the state (committed and broadcast like the step), and takes a slot past its budget out of the
+discovery listing, so Horovod does not start it again while the others go on."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import horovod.torch as hvd
 from workers import contract, events
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
+from workers.files import write_text
 
 Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
@@ -39,8 +46,9 @@ class ElasticComm(HorovodComm):
     elastic = True
     signal_polls = False  # a worker that joins starts with the default poll interval, its peers with theirs
 
-    def __init__(self, commit_every: int, run_dir: Path | None, host: str) -> None:
+    def __init__(self, commit_every: int, run_dir: Path | None, host: str, max_restarts: int = 3) -> None:
         super().__init__()
+        self.host, self.max_restarts = host, max_restarts
         self.commit_every = max(1, commit_every)
         self.run_dir = run_dir  # events.jsonl's
         # on one node each rank is a "host" of one slot (launcher/backends/horovodrun.py), so Horovod's local rank
@@ -65,13 +73,15 @@ class ElasticComm(HorovodComm):
         # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps. ``saved``
         # travels with the step: only rank 0 found the checkpoint it resumed from (nothing is collective before the
         # loop), and a rank that skips a save its peers make waits in the save's barrier while they evaluate
+        # members, failures: the slots in the world at the last reset, each slot's failures (see _membership)
         self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data,
-                                            saved=saved)
+                                            saved=saved, members=[], failures={})
         self.state.register_reset_callbacks([self._on_reset])
 
         @hvd.elastic.run
         def run(state: Any) -> dict[str, float]:
             self._refresh()
+            self._membership(state)
             assert self.set_position is not None
             # the committed (or broadcast) position, this world's shard
             self.set_position(state.step, state.data, state.saved)
@@ -119,6 +129,31 @@ class ElasticComm(HorovodComm):
     def _refresh(self) -> None:
         self.rank, self.world_size = hvd.rank(), hvd.size()
         self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
+
+    def _membership(self, state: Any) -> None:
+        """Every member is here after a reset, a joining worker too: one allgather of the slot names; rank 0 records
+        who left and who came back, and drops a slot whose failures pass --max-restarts from the listing."""
+        now, before = sorted(super().allgather_object(self.host)), state.members
+        if before:  # not the first start (nor a failure before the first commit, which rolls back to it)
+            for host in sorted(set(before) - set(now)):
+                state.failures = {**state.failures, host: state.failures.get(host, 0) + 1}
+                used = state.failures[host] - 1  # Horovod's restarts of this slot so far
+                if self.is_main:
+                    self.event("failure", state.step, slot=host, failures=state.failures[host])
+                if used >= self.max_restarts and self.is_main:
+                    self._drop(host)
+            for host in sorted(set(now) - set(before)) if self.is_main else []:
+                self.event("rejoin", state.step, slot=host)
+        state.members = now
+
+    def _drop(self, host: str) -> None:
+        """Out of the discovery listing: Horovod does not start a worker on it again (the others go on)."""
+        print(f"horovod elastic: slot {host} failed {self.max_restarts + 1} times, more than --max-restarts "
+              f"{self.max_restarts}: not started again; the others go on", flush=True)
+        if self.run_dir is not None:
+            listing = contract.elastic_hosts_file(self.run_dir)
+            kept = [line for line in listing.read_text().splitlines() if line.rsplit(":", 1)[0] != host]
+            write_text(listing, "".join(f"{line}\n" for line in kept))
 
     def _on_reset(self) -> None:
         self._refresh()
