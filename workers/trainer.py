@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from workers import checkpoint as ck
-from workers import progress, rank, task, testhooks
+from workers import hooks, progress, rank, task
 from workers.config import Config, to_dict
 from workers.data.loader import TrainLoader, loader_kwargs, shard_loader, to_device
 from workers.distributed import topology as preflight
@@ -230,19 +230,8 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------
     def batches(self) -> Iterator[Any]:
-        """This rank's training batches, on the device; the test hook logs the dataset indices taken."""
-        if not testhooks.SAMPLE_LOG:
-            return iter(self.loader)
-        handed = self.loader.record_indices()
-
-        def logged() -> Iterator[Any]:
-            for batch in self.loader:
-                epoch = self.loader.epoch if self.loader.position else self.loader.epoch - 1
-                with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
-                    f.write(f"{epoch} " + " ".join(map(str, handed.popleft())) + "\n")
-                yield batch
-
-        return logged()
+        """This rank's training batches, on the device."""
+        return iter(self.loader)
 
     def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(loss, outputs, targets) of one ``(inputs, targets)`` batch, under autocast."""
@@ -320,8 +309,8 @@ class Trainer:
         loss_sum = None
         data_s, forward_s, clock = 0.0, 0.0, time.perf_counter()  # this rank's own share of the step (straggler)
         for micro, batch in enumerate(batches):  # waits for the batch (on the device): data_s
-            if testhooks.SLOW_DATA_S:
-                time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_DATA_S))
+            if hooks.before_forward:
+                hooks.before_forward(self)
             fetched = time.perf_counter()
             data_s += fetched - clock
             if micro == 0:
@@ -411,11 +400,12 @@ class Trainer:
         attempt = rank.current_attempt()
         recovered_at = self.step + 1 if attempt and comm.is_main else -1  # a restart's first step
         current_lr = None
-        profile = testhooks.start_profile(comm.rank)
+        if hooks.loop_start:
+            hooks.loop_start(self)
         pause_gc()
         while not t.max_steps or self.step < t.max_steps:  # max_steps=0: until the stream ends (online)
-            if testhooks.INTERLEAVE:  # bench overhead: a step of the minimal loop before each of ours, timed apart
-                testhooks.interleave(self.model, comm.rank, comm.world_size, source.batch_size)
+            if hooks.before_step:
+                hooks.before_step(self)
             progress.step(self.step + 1)
             turn = source.next(self.step)
             if turn.save or turn.stop:
@@ -437,11 +427,9 @@ class Trainer:
                 loss_sum = loss_sum if loss_sum is not None or not logging else torch.zeros((), device=comm.device)
             if self.step == recovered_at:
                 metrics.log(recovery(self.run_dir, attempt), self.step)
-            if testhooks.HANG:
-                testhooks.maybe_hang(comm.rank, self.step, attempt)
+            if hooks.after_step:
+                hooks.after_step(self)
             last = self.step == t.max_steps
-            if testhooks.SLOW_STEP_S:
-                time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_STEP_S))
             bar.update(1)  # redraws at most every mininterval (progress_bar)
             if t.log_lr_every_step and not logging:  # opt-in: a test checks a schedule step by step
                 metrics.log({"lr": lr}, self.step)
@@ -474,7 +462,8 @@ class Trainer:
             if self.step % GC_EVERY == 0:
                 gc.collect(1)  # the young generations: what the last steps made (see pause_gc)
         bar.close()
-        testhooks.save_profile(profile)
+        if hooks.loop_end:
+            hooks.loop_end(self)
         resume_gc()
         if ended == STOP_SIGNAL and not source.finish_on_stop:  # saved above; no final evaluation, exit quickly
             if comm.is_main:
