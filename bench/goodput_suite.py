@@ -37,8 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import ROOT, Stat, bar_plot, scalars, table
-from launcher.supervise.procs import rank_pids
+from bench.common import ROOT, Stat, bar_plot, rank_pids, scalars, table
 from workers import contract
 from workers.contract import failure as failure_record
 from workers.events import read as events

@@ -38,7 +38,7 @@ def mlp() -> nn.Module:
 
 def one_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor,
              batch: int, step: int) -> None:
-    """One minimal step (bench overhead also interleaves these with the trainer's: workers/testhooks.py)."""
+    """One minimal step (bench overhead also interleaves these with the trainer's: bench/rank_hooks.py)."""
     idx = order[(step * batch) % (len(order) - batch):][:batch]
     loss = F.cross_entropy(model(x[idx]), y[idx])
     opt.zero_grad()  # set_to_none by default; Horovod's optimizer takes no argument

@@ -39,10 +39,11 @@ def startup_split(run_dir: Path, start: float) -> dict[str, float]:
 
 
 def hooked_run(run_dir: Path, args: list[str], hook: str, name: str) -> Path:
-    """One more launcher run, untimed, with a test hook (workers/testhooks.py) that writes ``run_dir/name``."""
+    """One more launcher run, untimed, with a bench probe (bench/rank_hooks.py) that writes ``run_dir/name``."""
     out = run_dir / name
+    env = {**os.environ, "LAUNCHER_HOOKS": "bench.rank_hooks", hook: str(out)}
     proc = subprocess.run([sys.executable, "-m", "launcher", "--run-dir", str(run_dir / "run"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={**os.environ, hook: str(out)})
+                          capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"the run with {hook} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return out
@@ -56,7 +57,7 @@ def profile_run(run_dir: Path, args: list[str]) -> Path:
 def interleaved_run(run_dir: Path, args: list[str], log_every: int) -> dict[str, float]:
     """The trainer loop's own cost per step, measured where it can be resolved: one more launcher run (``args``: one
     rank) in which a step of the bare minimal loop, on the same model, precedes each of the trainer's steps
-    (workers/testhooks.py ``interleave``), every step of both timed, so both loops meet the same machine at the
+    (bench/rank_hooks.py ``interleave``), every step of both timed, so both loops meet the same machine at the
     same moments. With one rank there is no all-reduce, whose waits on this 2-core machine spread two-rank steps
     from 0.7x to 3x their median and leave a bias of tens of µs between the two slots of such a pair; the
     all-reduce is the same DDP code on both sides anyway. The trainer's log steps do more (the all-reduce,

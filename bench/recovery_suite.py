@@ -4,9 +4,9 @@
 
 Real ``python -m launcher`` runs, 2 CPU ranks, torchrun backend, the built-in trainer and its default model:
 
-1. kill: ``--max-restarts 1``, a checkpoint every few steps, each step slowed by the test hook
-   LAUNCHER_TEST_SLOW_STEP_S; once the first checkpoint exists rank 1 gets SIGKILL. The result is the
-   launcher's own ``recovered_after_s`` in ``attempts/0/failure.json``: seconds from the failure (when the
+1. kill: ``--max-restarts 1``, a checkpoint every few steps, each step slowed by the tests' knob
+   LAUNCHER_TEST_SLOW_STEP_S (tests/rank_hooks.py); once the first checkpoint exists rank 1 gets SIGKILL. The
+   result is the launcher's own ``recovered_after_s`` in ``attempts/0/failure.json``: seconds from the failure (when the
    launcher saw the rank gone) to the first finished step of the restarted ranks. Once with the default
    ``--restart-backoff`` (1 s) and once with 0, so the backoff's share shows. Beside it, the timeline of the
    restart from what the run leaves behind: when the new rank processes started (/proc), when each entered
@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import ROOT, Stat, bar_plot, interleaved, table
+from bench.common import ROOT, Stat, bar_plot, interleaved, rank_pids, table
 from bench.data_suite import Neighbours
-from launcher.supervise.procs import alive, rank_pids, started
+from launcher.supervise.procs import alive, started
 from workers import contract
 from workers.contract import failure as failure_record
 from workers.rank import backoff_ends
@@ -49,6 +49,7 @@ GOAL_S = 5.0  # issue #16: kill -> first step after the restart, and hang timeou
 HANG_TIMEOUT_S = 3.0
 SLOW_STEP_S = 0.1  # the kill lands mid-run, with time to spare before the run would end
 RUN_TIMEOUT_S = 300.0
+TEST_HOOKS = "tests.rank_hooks"  # the tests' knobs in the ranks (LAUNCHER_TEST_SLOW_STEP_S, _HANG)
 PHASES = ("respawn", "imports", "backoff", "init", "resume", "first step")  # kill -> first step, in order
 HANG_PHASES = ("ranks killed", "torchrun exited", "launcher's report", "exit")  # summary -> exit, in order
 
@@ -136,7 +137,7 @@ def kill_once(backoff: float, steps: int, timelines: list[dict[str, float]]) -> 
             "trainer.checkpoint_every=5", "trainer.eval_every=1000000", "trainer.threads=1"]
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)
-        run = Run(run_dir, args, {"LAUNCHER_TEST_SLOW_STEP_S": f"{SLOW_STEP_S:g}"})
+        run = Run(run_dir, args, {"LAUNCHER_HOOKS": TEST_HOOKS, "LAUNCHER_TEST_SLOW_STEP_S": f"{SLOW_STEP_S:g}"})
         old: dict[int, int] = {}
         while len(old) < 2 or not any((run_dir / "checkpoints").glob("step-*.json")):  # the manifest: complete
             if run.proc.poll() is not None:
@@ -183,7 +184,7 @@ def hang_once(steps: int, timelines: list[dict[str, float]]) -> float:
             "trainer.checkpoint_every=1000000", "trainer.threads=1"]
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)
-        run = Run(run_dir, args, {"LAUNCHER_TEST_HANG": "1:3"})
+        run = Run(run_dir, args, {"LAUNCHER_HOOKS": TEST_HOOKS, "LAUNCHER_TEST_HANG": "1:3"})
         runner, runner_gone = None, None
         while run.proc.poll() is None and runner_gone is None:  # when torchrun exits: no line says so
             runner = runner or runner_pid(run_dir)

@@ -19,11 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.supervise.procs import rank_pids  # noqa: F401 -- the tests' way to find ranks
+from bench.common import rank_pids  # noqa: F401 -- the tests' way to find ranks (benches kill them too)
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root, wherever pytest is started from
 LAUNCHER_TIMEOUT_S = 300.0  # a hung run fails the test instead of hanging the suite
 TOKEN_VAR = "LAUNCHER_JOB_TOKEN"  # set in the launcher's environment, every process of its run carries it
+TEST_HOOKS = "tests.rank_hooks"  # the LAUNCHER_TEST_* knobs, inside the ranks (workers/hooks.py)
+
+# Every process a test starts inherits this, so every rank it leads to loads the tests' hooks: they act only
+# where a test sets a LAUNCHER_TEST_* variable. Ranks import it from the checkout on their PYTHONPATH
+# (launcher/resources.py); the ssh fan-out and Slurm pass LAUNCHER_* variables on.
+if TEST_HOOKS not in os.environ.get("LAUNCHER_HOOKS", "").split(","):
+    os.environ["LAUNCHER_HOOKS"] = ",".join(filter(None, [os.environ.get("LAUNCHER_HOOKS"), TEST_HOOKS]))
 
 
 @pytest.fixture

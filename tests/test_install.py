@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,10 @@ def _skip(directory: str, names: list[str]) -> set[str]:
 
 
 def clean_env() -> dict[str, str]:
-    """The environment without anything that points Python at the checkout."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    """The environment without anything that points Python at the checkout (LAUNCHER_HOOKS: the tests' hooks,
+    which live in the checkout only)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LAUNCHER_HOOKS")}
 
 
 def run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -100,6 +103,11 @@ def test_wheel_holds_every_module_config_and_template(installed: Installed) -> N
     templates = {p.name for p in (src / "slurm").glob("*.sbatch")}
     assert templates and templates == {p.name for p in (site / "launcher/_slurm").glob("*.sbatch")}
     assert not (site / "configs").exists() and not (site / "slurm").exists()  # nothing loose in site-packages
+    # the product only: no benchmarks, no tests (their hooks stay in the checkout)
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        tops = {name.split("/")[0] for name in wheel.namelist() if ".dist-info/" not in name}
+    assert tops == {"launcher", "workers"}, tops
+    assert not (site / "bench").exists() and not (site / "tests").exists()
 
 
 @pytest.mark.slow

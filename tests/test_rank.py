@@ -89,3 +89,25 @@ def test_the_backoff_counts_from_the_failure_and_doubles(tmp_path: Path) -> None
     assert backoff_ends(tmp_path, 3, 1.5, now=100.0) == 96.0  # doubled per restart
     assert backoff_ends(tmp_path, 20, 1.5, now=100.0) == 90.0 + MAX_BACKOFF_S
     assert backoff_ends(tmp_path, 1, 0.0, now=100.0) == 100.0
+
+
+# -- LAUNCHER_HOOKS (workers/hooks.py) --------------------------------------------------------------------------
+def test_hooks_modules_are_imported_and_rank_start_runs_before_the_rank_reports_in(tmp_path: Path) -> None:
+    (tmp_path / "probe_hooks.py").write_text(
+        "from pathlib import Path\nfrom workers import hooks\n\n"
+        "def started(attempt):\n"
+        "    reported = Path('attempts/2/rank1.progress').exists()\n"
+        "    Path('started').write_text(f'{attempt} {reported}')\n\n"
+        "hooks.rank_start.append(started)\n")
+    proc = run_rank(tmp_path, "print('ran')\n", attempt=2, LAUNCHER_HOOKS="probe_hooks")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "ran", err
+    assert (tmp_path / "started").read_text() == "2 False"  # the attempt, before the progress file existed
+    assert record(tmp_path, attempt=2, kind="progress")["phase"] == "done"
+
+
+def test_a_hooks_module_that_does_not_import_fails_the_rank_and_is_named(tmp_path: Path) -> None:
+    proc = run_rank(tmp_path, "print('ran')\n", LAUNCHER_HOOKS="probe_hooks_nowhere")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "ran" not in out
+    assert "LAUNCHER_HOOKS names 'probe_hooks_nowhere', which does not import here" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -61,14 +62,27 @@ def test_dist_env_bad_value_names_the_variable() -> None:
 
 
 def test_no_stray_environ_reads() -> None:
-    """Rank info is read from the environment once (train.py -> dist/env.py, rank.py at the rank's start); test
-    hooks once (testhooks.py); the launcher reads it at its edges (cli.py and single.py pass it to the pure
-    planner, supervisor.py to children)."""
-    allowed = {"env.py", "train.py", "rank.py", "testhooks.py", "mpi_env.py", "cli.py", "single.py", "supervisor.py",
+    """Rank info is read from the environment once (train.py -> dist/env.py, rank.py at the rank's start, which
+    also hands LAUNCHER_HOOKS to workers/hooks.py); the launcher reads it at its edges (cli.py and single.py pass
+    it to the pure planner, supervisor.py to children)."""
+    allowed = {"env.py", "train.py", "rank.py", "mpi_env.py", "cli.py", "single.py", "supervisor.py",
                "probe.py"}  # probe.py: its own process on each host (-m launcher.preflight.probe), gloo reads env
     offenders = [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")
                  if p.name not in allowed and ("os.environ" in p.read_text() or "os.getenv" in p.read_text())]
     assert offenders == []
+
+
+def test_no_test_or_bench_code_in_the_product() -> None:
+    """launcher/ and workers/ import neither bench nor the tests: their knobs reach the ranks through
+    LAUNCHER_HOOKS (workers/hooks.py), and the wheel ships neither."""
+    imported = []
+    for path in [p for d in ("workers", "launcher") for p in (ROOT / d).rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            imported += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                         if n.split(".")[0] in ("bench", "tests", "conftest", "rank_hooks")]
+    assert imported == []
 
 
 # -- learning-rate schedules ----------------------------------------------------------------------

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from workers import testhooks
 from workers.data.stream import Position, Record, StreamReader, resume_point
 from workers.sources import STOP_SIGNAL, Turn
 
@@ -113,9 +111,6 @@ class StreamSource:
         self.window.extend(hits.tolist())
         self.records += len(self.batch) * self.comm.world_size
         self.seen, self.correct = self.seen + len(self.batch), self.correct + hits.sum().item()
-        if testhooks.SAMPLE_LOG:
-            with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
-                f.write(f"{self.step + 1} " + " ".join(str(r.index) for r in self.batch) + "\n")
 
     # -- metrics -----------------------------------------------------------------------------
     def log_values(self, step: int) -> list[float]:

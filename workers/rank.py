@@ -20,7 +20,8 @@ LAUNCHER_ATTEMPT), all keyed by global rank:
 
 Only SIGKILL (the OOM killer, a ``kill -9``) ends a rank without an exit record; the launcher
 tells such a death from the missing record. On a restart (N > 0) the rank first waits a backoff,
-LAUNCHER_RESTART_BACKOFF_S doubled per restart (at most 30 s).
+LAUNCHER_RESTART_BACKOFF_S doubled per restart (at most 30 s). Before anything else it imports the modules
+LAUNCHER_HOOKS names (workers/hooks.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from workers import contract, files, progress, testhooks
+from workers import contract, files, hooks, progress
 from workers.distributed.env import DistEnv
 
 MAX_BACKOFF_S = 30.0
@@ -64,8 +65,8 @@ def setup() -> None:
     if _files or not run_dir:
         return
     env, attempt = DistEnv.from_env(os.environ), attempt_of(os.environ)
-    if attempt > 0 and testhooks.SLOW_RESTART_S:
-        time.sleep(testhooks.SLOW_RESTART_S)
+    if hooks.rank_start:
+        hooks.rank_start(attempt)
     folder = contract.attempt_dir(Path(run_dir), attempt)
     folder.mkdir(parents=True, exist_ok=True)
     error = contract.rank_file(folder, env.rank, contract.ERROR)
@@ -195,6 +196,7 @@ def run(main: Callable[[], int | None], *, hard_exit: bool) -> NoReturn:
     everything, and C++ destructors of torch.distributed (gloo's threads) can abort a finished rank in the
     interpreter's teardown ("terminate called without an active exception"), turning success into failure.
     A user's program exits normally (its atexit handlers run)."""
+    hooks.load(os.environ)  # LAUNCHER_HOOKS: before setup(), whose start is a hook point
     setup()
     peer = False
     try:

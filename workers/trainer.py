@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from workers import checkpoint as ck
-from workers import collector, contract, progress, rank, task, testhooks
+from workers import collector, contract, hooks, progress, rank, task
 from workers import state as train_state
 from workers.build import build, build_once, mixed_precision, threads_and_seeds
 from workers.config import Config, to_dict
@@ -67,19 +67,8 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------
     def batches(self) -> Iterator[Any]:
-        """This rank's training batches, on the device; the test hook logs the dataset indices taken."""
-        if not testhooks.SAMPLE_LOG:
-            return iter(self.loader)
-        handed = self.loader.record_indices()
-
-        def logged() -> Iterator[Any]:
-            for batch in self.loader:
-                epoch = self.loader.epoch if self.loader.position else self.loader.epoch - 1
-                with open(Path(testhooks.SAMPLE_LOG) / f"rank{self.comm.rank}.txt", "a") as f:
-                    f.write(f"{epoch} " + " ".join(map(str, handed.popleft())) + "\n")
-                yield batch
-
-        return logged()
+        """This rank's training batches, on the device."""
+        return iter(self.loader)
 
     def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(loss, outputs, targets) of one ``(inputs, targets)`` batch, under autocast."""
@@ -130,8 +119,8 @@ class Trainer:
         loss_sum = None
         data_s, forward_s, clock = 0.0, 0.0, time.perf_counter()  # this rank's own share of the step (straggler)
         for micro, batch in enumerate(batches):  # waits for the batch (on the device): data_s
-            if testhooks.SLOW_DATA_S:
-                time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_DATA_S))
+            if hooks.before_forward:
+                hooks.before_forward(self)
             fetched = time.perf_counter()
             data_s += fetched - clock
             if micro == 0:
@@ -178,11 +167,12 @@ class Trainer:
         self.open_run()
         result: dict[str, float] = {}
         ended, current_lr = "max_steps", None
-        profile = testhooks.start_profile(comm.rank)
+        if hooks.loop_start:
+            hooks.loop_start(self)
         collector.pause()
         while not t.max_steps or self.step < t.max_steps:  # max_steps=0: until the stream ends (online)
-            if testhooks.INTERLEAVE:  # bench overhead: a step of the minimal loop before each of ours, timed apart
-                testhooks.interleave(self.model, comm.rank, comm.world_size, source.batch_size)
+            if hooks.before_step:
+                hooks.before_step(self)
             progress.step(self.step + 1)
             turn = source.next(self.step)
             if turn.save or turn.stop:
@@ -204,11 +194,9 @@ class Trainer:
                 loss_sum = loss_sum if loss_sum is not None or not logging else torch.zeros((), device=comm.device)
             if self.step == self.recovered_at:
                 self.metrics.log(recovery(self.run_dir, self.attempt), self.step)
-            if testhooks.HANG:
-                testhooks.maybe_hang(comm.rank, self.step, self.attempt)
+            if hooks.after_step:
+                hooks.after_step(self)
             last = self.step == t.max_steps
-            if testhooks.SLOW_STEP_S:
-                time.sleep(testhooks.slowed(comm.rank, testhooks.SLOW_STEP_S))
             self.bar.update(1)  # redraws at most every mininterval (progress_bar)
             if t.log_lr_every_step and not logging:  # opt-in: a test checks a schedule step by step
                 self.metrics.log({"lr": lr}, self.step)
@@ -221,7 +209,8 @@ class Trainer:
                 self.metrics.log(result, self.step)
             collector.collect(self.step)
         self.bar.close()
-        testhooks.save_profile(profile)
+        if hooks.loop_end:
+            hooks.loop_end(self)
         collector.resume()
         return self.close(ended, result)
 

@@ -122,31 +122,3 @@ def parent_death_signal(sig: int) -> Callable[[], None]:
         return lambda: None
     return lambda: prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
                          ctypes.c_ulong(0))
-
-
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """{local rank: pid} of the built-in trainer's live rank processes of the run in ``run_dir`` (tests and
-    benchmarks kill one)."""
-    found = []  # (local rank, pid, parent pid)
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if contract.TRAINER_MODULE.encode() not in cmdline or str(run_dir).encode() not in cmdline:
-                continue
-            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-        except OSError:
-            continue
-        if not (fields := stat_fields(int(proc.name))):
-            continue
-        ppid = int(fields[1])
-        # torchrun sets LOCAL_RANK before exec; under mpirun/horovodrun only their own variables are in
-        # the initial environment
-        local = next((env[k] for k in (b"LOCAL_RANK", b"OMPI_COMM_WORLD_LOCAL_RANK", b"HOROVOD_LOCAL_RANK")
-                      if k in env), None)
-        if local is not None:
-            found.append((int(local), int(proc.name), ppid))
-    ranks = {pid for _, pid, _ in found}
-    # a rank's DataLoader workers share its command line and environment: keep those whose parent is no rank
-    return {local: pid for local, pid, ppid in found if ppid not in ranks}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, TensorDataset
 
+from workers import hooks
 from workers.data.sampler import ResumableSampler
 
 
@@ -39,7 +40,8 @@ class _TensorBatches(Dataset):
 
 
 class _Recorded(BatchSampler):
-    """A BatchSampler that remembers the indices of the batches it handed out, in order."""
+    """A BatchSampler that remembers the indices of the batches it handed out, in order (for hooks.batch_taken:
+    the workers load ahead, so what the loop takes is the oldest of these)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -125,11 +127,6 @@ class TrainLoader:
             iterator._shutdown_workers()
         self.loader._iterator = None  # type: ignore[attr-defined]
 
-    def record_indices(self) -> deque[list[int]]:
-        """From now on, the dataset indices of each batch, in the order the loop takes them."""
-        self.batches.handed = deque()
-        return self.batches.handed
-
     def _batches_left(self, position: int) -> int:
         return (self.sampler.total_size - position) // self.world_size // self.batch_size
 
@@ -165,17 +162,21 @@ class TrainLoader:
             epoch, position = epoch + 1, 0
 
     def __iter__(self) -> Iterator[Any]:
+        # hooks.batch_taken: this pass's batches' indices, recorded as the sampler hands them out (None: no record)
+        handed = self.batches.handed = deque() if hooks.batch_taken else None
         ahead = None  # the next batch, already on its way to the device
         move = self.device.type != "cpu" or self.channels_last  # a CPU tensor to the CPU is itself: skip the calls
         for batch in self._loaded():
             if move:
                 batch = to_device(batch, self.device, self.channels_last)
             if ahead is not None:
-                yield self._take(ahead)
+                yield self._take(ahead, handed)
             ahead = batch
 
-    def _take(self, batch: Any) -> Any:
+    def _take(self, batch: Any, handed: deque[list[int]] | None) -> Any:
         self.position += self.batch_size * self.world_size
         if self._batches_left(self.position) == 0:
             self.epoch, self.position = self.epoch + 1, 0
+        if handed is not None:
+            hooks.batch_taken(self, handed.popleft())
         return batch

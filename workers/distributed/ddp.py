@@ -65,10 +65,6 @@ class SingleProcessComm:
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def allgather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's tensor (the same shape on all), concatenated along dim 0 in rank order."""
-        return tensor.detach().clone()
-
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
@@ -124,13 +120,6 @@ class DDPComm(SingleProcessComm):
         tensor = tensor.detach().clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor / self.world_size
-
-    def allgather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach().contiguous()
-        out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
-                          device=tensor.device)
-        dist.all_gather(list(out.chunk(self.world_size)), tensor)  # views of `out`: gathered in place
-        return out
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]

@@ -53,9 +53,6 @@ class HorovodComm(SingleProcessComm):
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return hvd.allreduce(tensor.detach(), op=hvd.Average)
 
-    def allgather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        return hvd.allgather(tensor.detach(), name="launcher.allgather_tensor")
-
     def broadcast_object(self, obj: Any) -> Any:
         # an explicit name: Horovod's default is the object's type name, which differs between rank 0
         # (say an int) and the others (None), and ops with different names never meet
