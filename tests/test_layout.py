@@ -43,3 +43,17 @@ def test_readme_layout_lists_every_module_once() -> None:
     on_disk, in_readme = modules(), listed()
     assert on_disk - in_readme == set(), "modules missing from README's Layout"
     assert in_readme - on_disk == set(), "README's Layout lists modules that are gone"
+
+
+def test_no_product_module_over_300_lines_and_no_function_over_60() -> None:
+    """#25's budgets: a newcomer reads a module in one sitting and a function on one screen."""
+    over = []
+    for path in [*(ROOT / "launcher").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]:
+        text = path.read_text()
+        if text.count("\n") > 300:
+            over.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None \
+                    and node.end_lineno - node.lineno + 1 > 60:
+                over.append(f"{path.relative_to(ROOT)}: {node.name}() {node.end_lineno - node.lineno + 1} lines")
+    assert over == []
