@@ -134,7 +134,7 @@ class ElasticComm(HorovodComm):
         """Every member is here after a reset, a joining worker too: one allgather of the slot names; rank 0 records
         who left and who came back, and drops a slot whose failures pass --max-restarts from the listing."""
         now, before = sorted(super().allgather_object(self.host)), state.members
-        if before:  # not the first start (nor a failure before the first commit, which rolls back to it)
+        if before:  # not the first start
             for host in sorted(set(before) - set(now)):
                 state.failures = {**state.failures, host: state.failures.get(host, 0) + 1}
                 used = state.failures[host] - 1  # Horovod's restarts of this slot so far
@@ -144,7 +144,10 @@ class ElasticComm(HorovodComm):
                     self._drop(host)
             for host in sorted(set(now) - set(before)) if self.is_main else []:
                 self.event("rejoin", state.step, slot=host)
-        state.members = now
+        if now != before:
+            # kept now, not at the next commit: a failure before it rolls back to the state saved last
+            state.members = now
+            state.save()
 
     def _drop(self, host: str) -> None:
         """Out of the discovery listing: Horovod does not start a worker on it again (the others go on)."""
