@@ -208,7 +208,7 @@ def hang_once(steps: int, timelines: list[dict[str, float]]) -> float:
             raise RuntimeError(f"incomplete hang timeline {marks}:\n{run.tail()}")
         timelines.append({**dict(zip(HANG_PHASES, (b - a for a, b in zip(marks, marks[1:], strict=False)),
                                      strict=True)), "summary_to_exit": ended - summary})
-        return summary - (stalled_from + failure["timeout_s"])
+        return summary - (stalled_from + failure.timeout_s)
 
 
 IMPORTS = """

@@ -148,13 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
 def run(argv: list[str]) -> int:
     if argv[:1] == ["preflight"]:  # python -m launcher preflight [--hosts …]: launcher/preflight/checks.py
-        from launcher.preflight import (
-            checks as preflight,  # here, like slurm_submit: a plain launch does not pay for their imports
-        )
+        # imported here, like the Slurm and sweep modules: a plain launch does not pay for their imports
+        from launcher.preflight import checks as preflight
 
         return preflight.main(argv[1:], os.environ)
     program: list[str] = []

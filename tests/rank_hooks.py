@@ -81,11 +81,14 @@ def log_taken(loader: Any, indices: list[int]) -> None:
 
 
 def log_online(trainer: Any) -> None:
-    """mode=online: the step this batch trains and its records' numbers (an epoch's batches: log_taken)."""
+    """mode=online: the step this batch trained and its records' numbers (an epoch's batches: log_taken)."""
     if trainer.cfg.mode == "online":
-        _log_line(trainer.comm.rank, trainer.step + 1, [r.index for r in trainer.source.batch])
+        _log_line(trainer.comm.rank, trainer.step, [r.index for r in trainer.source.batch])
 
 
+if SAMPLE_LOG:  # first: a step's batch is logged before a hang or a pause after it, as it was trained
+    hooks.batch_taken.append(log_taken)
+    hooks.after_step.append(log_online)
 if SLOW_RESTART_S:
     hooks.rank_start.append(slow_restart)
 if SLOW_SAVE_S:
@@ -96,6 +99,3 @@ if HANG:  # before the step's pause: the order the trainer had them in
     hooks.after_step.append(maybe_hang)
 if SLOW_STEP_S:
     hooks.after_step.append(slow_step)
-if SAMPLE_LOG:
-    hooks.batch_taken.append(log_taken)
-    hooks.before_forward.append(log_online)

@@ -142,8 +142,13 @@ def test_a_slot_past_its_max_restarts_is_not_started_again_and_the_other_goes_on
     assert [e["failures"] for e in failures] == [1, 2] and failures[0]["slot"] == failures[1]["slot"], failures
     assert "more than --max-restarts 1: not started again" in out
     slot = failures[0]["slot"]
-    listed = [line.rsplit(":", 1)[0] for line in (tmp_path / "elastic_hosts.txt").read_text().split()]
-    assert slot not in listed and len(listed) == 1  # out of discovery's listing
+    import subprocess
+
+    discovered = subprocess.run([str(tmp_path / "discover_hosts.sh")], capture_output=True, text=True,
+                                check=True).stdout.split()
+    names = [line.rsplit(":", 1)[0] for line in discovered]
+    assert len(names) == 1 and slot not in names  # out of discovery's listing
+    assert len((tmp_path / "elastic_hosts.txt").read_text().split()) == 2  # the hosts file is kept: GPUs by line
     assert [e["kind"] for e in events(tmp_path)].count("rejoin") == 1  # it came back once only
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 500  # the survivor finished alone
     assert not run_processes(tmp_path)

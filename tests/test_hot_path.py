@@ -130,14 +130,14 @@ class FakeTrainer:
 
         self.step, self.polls = 0, []
         self.comm = SingleProcessComm(DistEnv())
-        self.loader = type("L", (), {"epoch": 0, "batch_size": 8})()
+        self.loader = type("L", (), {"epoch": 0, "batch_size": 8, "__iter__": lambda _: iter(())})()
         with own_signal_handlers():
             self.signals = SignalFlags()
         poll = self.signals.poll
         self.signals.poll = lambda comm: (self.polls.append(self.step), poll(comm))[1]  # type: ignore[method-assign]
 
     def source(self) -> EpochSource:
-        return EpochSource(self.loader, self.comm, self.signals, 1, lambda: iter(()))  # type: ignore[arg-type]
+        return EpochSource(self.loader, self.comm, self.signals, 1)  # type: ignore[arg-type]
 
 
 def test_signals_ride_on_log_steps_and_are_acted_on_at_the_same_step() -> None:

@@ -111,3 +111,5 @@ def test_a_hooks_module_that_does_not_import_fails_the_rank_and_is_named(tmp_pat
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "ran" not in out
     assert "LAUNCHER_HOOKS names 'probe_hooks_nowhere', which does not import here" in err
+    (record,) = (tmp_path / "attempts" / "0").glob("rank*.exit.json")  # a failure the launcher reports, no retry
+    assert json.loads(record.read_text())["exit_code"] == 1

@@ -62,7 +62,7 @@ def test_dist_env_bad_value_names_the_variable() -> None:
 
 
 def test_no_stray_environ_reads() -> None:
-    """Rank info is read from the environment once (train.py -> dist/env.py, rank.py at the rank's start, which
+    """Rank info is read from the environment once (train.py -> distributed/env.py, rank.py at the rank's start, which
     also hands LAUNCHER_HOOKS to workers/hooks.py); the launcher reads it at its edges (cli.py and single.py pass
     it to the pure planner, supervisor.py to children)."""
     allowed = {"env.py", "train.py", "rank.py", "mpi_env.py", "cli.py", "single.py", "supervisor.py",

@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what a plain open() would give a new file (read once, at import)
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` itself durable (a crash right after it keeps the new name)."""
     fd = os.open(directory, os.O_RDONLY)
@@ -34,6 +43,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], *, durable: b
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, _MODE)  # mkstemp makes it owner-only: a shared run directory's readers need what open() gives
         os.replace(tmp, path)
         if durable:
             _fsync_dir(path.parent)

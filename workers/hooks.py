@@ -28,7 +28,9 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-VAR = "LAUNCHER_HOOKS"
+from workers import contract
+
+VAR = contract.HOOKS_ENV
 
 
 class Hook(list[Callable[..., None]]):

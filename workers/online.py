@@ -38,7 +38,6 @@ class StreamSource:
 
     def __init__(self, online: OnlineConfig, comm: Comm, signals: SignalFlags, seed: int) -> None:
         self.o, self.comm, self.signals, self.seed = online, comm, signals, seed
-        self.step = 0  # the step of the current turn
         self.batch_size = self.o.batch_size
         self.records = 0  # records trained, all ranks
         self.committed = Position()  # this rank's stream position after its last trained record
@@ -81,7 +80,7 @@ class StreamSource:
 
     def next(self, step: int) -> Turn:
         """Agree with the other ranks on this turn: train, wait for records, save, or stop."""
-        reader, signals, self.step = self.reader, self.signals, step
+        reader, signals = self.reader, self.signals
         has_batch = reader.fill(self.o.poll_s)
         clock_due = self.comm.is_main and 0 < self.o.checkpoint_every_s < time.monotonic() - self.last_save
         local = torch.tensor([signals.stop_signal > 0, signals.take_save_request(), not has_batch,

@@ -196,7 +196,13 @@ def run(main: Callable[[], int | None], *, hard_exit: bool) -> NoReturn:
     everything, and C++ destructors of torch.distributed (gloo's threads) can abort a finished rank in the
     interpreter's teardown ("terminate called without an active exception"), turning success into failure.
     A user's program exits normally (its atexit handlers run)."""
-    hooks.load(os.environ)  # LAUNCHER_HOOKS: before setup(), whose start is a hook point
+    try:
+        hooks.load(os.environ)  # LAUNCHER_HOOKS: before setup(), whose start is a hook point
+    except ImportError as e:  # reported as this rank's failure before its first step: the launcher does not retry
+        print(e, file=sys.stderr, flush=True)
+        setup()
+        finish(1, e)
+        raise SystemExit(1) from e
     setup()
     peer = False
     try:

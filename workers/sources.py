@@ -4,8 +4,9 @@ Before each step the loop asks its source for a :class:`Turn`: the micro-batches
 this turn (a stream waiting for records); whether to checkpoint now; whether to stop. A source also
 owns its part of the checkpoint (the loader position, or every rank's stream position), adds its own
 metrics at log steps, and writes the closing line. Both sources share one interface:
-``name``, ``batch_size``, ``finish_on_stop``, ``start``, ``restart``, ``next``, ``trained``, ``before_save``,
-``state_dict``/``load_state_dict``, ``log_values``/``log`` and ``summary``. A source is built from what it uses
+``name``, ``batch_size``, ``finish_on_stop``, ``start``, ``next``, ``trained``, ``before_save``,
+``state_dict``/``load_state_dict``, ``log_values``/``log`` and ``summary`` (EpochSource also ``restart``s after
+a torchft heal or a Horovod Elastic reset). A source is built from what it uses
 (loader or stream config, comm, signal flags), not from the trainer: the loop passes the step.
 
 A log step makes one all-reduce (comm.agree): the loss, and the source's ``log_values()`` summed
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +53,9 @@ class EpochSource:
     name = "train"
     finish_on_stop = False  # a stop signal saves and exits at once: the run resumes later
 
-    def __init__(self, loader: TrainLoader, comm: Comm, signals: SignalFlags, accum: int,
-                 batches: Callable[[], Iterator[Any]]) -> None:
-        # batches(): the loader's batches from its position on (the trainer's, which a test hook may wrap);
+    def __init__(self, loader: TrainLoader, comm: Comm, signals: SignalFlags, accum: int) -> None:
         # loader: replaced when a reset re-shards the data (state.reposition)
-        self.loader, self.comm, self.signals, self.accum, self.batches = loader, comm, signals, accum, batches
+        self.loader, self.comm, self.signals, self.accum = loader, comm, signals, accum
         self.batch_size = loader.batch_size
         self.asked = Requests()  # what the ranks agreed on at the last log step, acted on at the next turn
         self.poll_every = SIGNAL_POLL_EVERY  # steps between agreements, the same on every rank
@@ -73,13 +72,13 @@ class EpochSource:
         loader = self.loader
         if step and self.comm.is_main:
             print(f"resuming from step {step} (epoch {loader.epoch}, sample {loader.position})", flush=True)
-        self.data = self.batches()
+        self.data = iter(self.loader)  # its batches from its position on
         self.agreed_at = self.window_step = step
         self.window_at = time.monotonic()
 
     def restart(self, step: int) -> None:
         """After the position changed under a running loop (a torchft heal): batches from the new position."""
-        self.data = self.batches()
+        self.data = iter(self.loader)
         self.agreed_at = self.window_step = step
 
     def next(self, step: int) -> Turn:

@@ -12,7 +12,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,14 +62,10 @@ class Trainer:
 
             self.source: Any = StreamSource(cfg.online, comm, self.signals, cfg.seed)
         else:
-            self.source = EpochSource(self.loader, comm, self.signals, t.grad_accum_steps, self.batches)
+            self.source = EpochSource(self.loader, comm, self.signals, t.grad_accum_steps)
         self.autocast, self.scaler = mixed_precision(t.precision, dev, comm.is_main)
 
     # -- data --------------------------------------------------------------------------------
-    def batches(self) -> Iterator[Any]:
-        """This rank's training batches, on the device."""
-        return iter(self.loader)
-
     def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(loss, outputs, targets) of one ``(inputs, targets)`` batch, under autocast."""
         inputs, targets = batch

@@ -74,9 +74,13 @@ class HorovodBackend:
         workers too), so on one node each rank is a "host" of one slot under a name of its own for this machine
         (:func:`local_names`); a worker finds its GPU by its name's line (workers/distributed/elastic.py)."""
         script, listing = contract.discovery_script(plan.run_dir), contract.elastic_hosts_file(plan.run_dir)
+        dropped = contract.elastic_dropped_file(plan.run_dir)  # slots past their budget (distributed/elastic.py)
         hosts = plan.hosts or tuple((name, 1) for name in local_names()[:plan.nproc_per_node])
         listing.write_text("".join(f"{h}:{n}\n" for h, n in hosts))
-        script.write_text(f"#!/bin/sh\nexec cat {shlex.quote(str(listing))}\n")
+        dropped.write_text("")
+        # grep -v -f of an empty file keeps every line; "|| true": no line left is an empty listing, not an error
+        script.write_text(f"#!/bin/sh\ngrep -v -x -F -f {shlex.quote(str(dropped))} {shlex.quote(str(listing))} "
+                          "|| true\n")
         script.chmod(0o755)
 
     @staticmethod

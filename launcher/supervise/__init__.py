@@ -4,4 +4,4 @@ failures, procs.py is the process table, reaper.py the watchdog that outlives th
 around each host's command in an ssh fan-out.
 
 May import: launcher.backends, launcher.plan, launcher.errors, launcher.resources, workers.events,
-workers.contract (the ranks' files and environment), workers.files."""
+workers.contract (the ranks' files and environment), workers.files, workers.config (the run's config.yaml)."""

@@ -160,7 +160,7 @@ def report(sweep_dir: Path, codes: dict[str, int], total: int) -> int:
 
 
 def check_multirun(args: argparse.Namespace, program: list[str]) -> None:
-    """What every sweep (the grid here, a plugin's in sweep_plugin.py) refuses."""
+    """What every sweep (the grid here, a plugin's in plugin.py) refuses."""
     if program:
         raise UsageError("-m/--multirun sweeps config overrides of the built-in trainer, not a script after `--`")
     if args.max_parallel and not args.slurm:

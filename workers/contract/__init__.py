@@ -13,6 +13,7 @@ from pathlib import Path
 # -- the environment the launcher sets for every rank (launcher/plan/planner.py, launcher/backends/) -----------------
 RUN_DIR_ENV = "LAUNCHER_RUN_DIR"  # the run directory (a replica group's own, RUN_DIR/groups/G, under torchft)
 ATTEMPT_ENV = "LAUNCHER_ATTEMPT"  # the launcher's restart count (mpirun, horovodrun: no TORCHELASTIC_RESTART_COUNT)
+HOOKS_ENV = "LAUNCHER_HOOKS"  # modules each rank imports at its start (workers/hooks.py): tests' and benches' knobs
 MAX_RESTARTS_ENV = "LAUNCHER_MAX_RESTARTS"  # Horovod Elastic: each slot's budget (workers/distributed/elastic.py)
 HOST_ENV = "LAUNCHER_HOST"  # the host's name as the hostfile spells it (ssh fan-out)
 DEVICES_ENV = "LAUNCHER_DEVICES"  # "host=0,2;other=1": a hostfile's gpus=, CUDA_VISIBLE_DEVICES per host
@@ -96,6 +97,12 @@ def elastic_hosts_file(run_dir: Path) -> Path:
     """Horovod Elastic's hosts, ``host:slots`` per line (launcher/backends/horovodrun.py writes it, the workers find
     their GPU by their line, workers/distributed/elastic.py)."""
     return run_dir / "elastic_hosts.txt"
+
+
+def elastic_dropped_file(run_dir: Path) -> Path:
+    """Horovod Elastic's slots past their --max-restarts, lines of :func:`elastic_hosts_file` that discovery leaves
+    out (the hosts file itself never changes: a worker's GPU is its line's place in it)."""
+    return run_dir / "elastic_dropped.txt"
 
 
 # -- a rank's files in its attempt folder (workers/rank.py writes them, launcher/supervise/watch.py reads them) -----

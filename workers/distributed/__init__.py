@@ -2,7 +2,8 @@
 implements), ddp.py, horovod.py, ft.py (torchft), elastic.py (Horovod Elastic), mpi_env.py (the mpi4py
 bootstrap), topology.py (where each rank runs, checked before training); :func:`build_comm` picks one.
 
-May import: workers.contract, workers.config, workers.events; never the trainer or launcher/."""
+May import: workers.contract, workers.config, workers.events, workers.files, workers.table, workers.ports;
+never the trainer or launcher/."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ class ElasticComm(HorovodComm):
     elastic = True
     signal_polls = False  # a worker that joins starts with the default poll interval, its peers with theirs
 
-    def __init__(self, commit_every: int, run_dir: Path | None, host: str, max_restarts: int = 3) -> None:
+    def __init__(self, commit_every: int, run_dir: Path | None, host: str, max_restarts: int) -> None:
         super().__init__()
         self.host, self.max_restarts = host, max_restarts
         self.commit_every = max(1, commit_every)
@@ -72,7 +72,7 @@ class ElasticComm(HorovodComm):
         step, data, saved = self.get_position()
         # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps. ``saved``
         # travels with the step: only rank 0 found the checkpoint it resumed from (nothing is collective before the
-        # loop), and a rank that skips a save its peers make waits in the save's barrier while they evaluate
+        # loop), and a rank that skips a save its peers make waits in the save's barrier while they evaluate.
         # members, failures: the slots in the world at the last reset, each slot's failures (see _membership)
         self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data,
                                             saved=saved, members=[], failures={})
@@ -153,10 +153,11 @@ class ElasticComm(HorovodComm):
         """Out of the discovery listing: Horovod does not start a worker on it again (the others go on)."""
         print(f"horovod elastic: slot {host} failed {self.max_restarts + 1} times, more than --max-restarts "
               f"{self.max_restarts}: not started again; the others go on", flush=True)
-        if self.run_dir is not None:
-            listing = contract.elastic_hosts_file(self.run_dir)
-            kept = [line for line in listing.read_text().splitlines() if line.rsplit(":", 1)[0] != host]
-            write_text(listing, "".join(f"{line}\n" for line in kept))
+        if self.run_dir is not None:  # discovery leaves its line out; the hosts file keeps it (GPUs by line)
+            lines = contract.elastic_hosts_file(self.run_dir).read_text().split()
+            dropped = contract.elastic_dropped_file(self.run_dir)
+            before = dropped.read_text() if dropped.exists() else ""
+            write_text(dropped, before + "".join(f"{line}\n" for line in lines if line.rsplit(":", 1)[0] == host))
 
     def _on_reset(self) -> None:
         self._refresh()
