@@ -217,13 +217,15 @@ def run(main: Callable[[], int | None], *, hard_exit: bool) -> NoReturn:
     if peer and not _stop_asked():  # a consequence, not the cause: let the runner see the rank that failed first
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the runner's stop ends this wait
         time.sleep(PEER_WAIT_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
     if "mpi4py.MPI" in sys.modules:  # under mpirun: finalize, or mpirun reports an improper exit
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():
+            if code != 0:  # a rank that finalized and failed leaves the others running until they end on their own
+                MPI.COMM_WORLD.Abort(code)  # mpirun stops every rank now and exits with this code
             MPI.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
     if hard_exit:
         os._exit(code)
     sys.exit(code)
