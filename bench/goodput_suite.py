@@ -94,6 +94,20 @@ def elastic_pids(run_dir: Path) -> dict[int, int]:
     return {rank: pid for pid, rank in elastic_workers(run_dir).items()}
 
 
+def run_windows(runs: dict[str, tuple[list[str], list[tuple[float, int, int]], Callable[[Path], dict[int, int]]]],
+                window: float) -> dict[str, dict]:
+    """Each run of ``runs`` (name: (launcher flags, failure schedule, pid finder)) for ``window`` seconds, one after
+    the other, each with its events.jsonl records."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, (extra, failures, find) in runs.items():
+            print(f"goodput: {name} ({window:g} s)", flush=True)
+            run_dir = Path(d) / name
+            results[name] = run_window(run_dir, extra, window, failures, find)
+            results[name]["events"] = events(run_dir)
+    return results
+
+
 def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[tuple[float, int, int]],
                find: Callable[[Path], dict[int, int]]) -> dict[str, object]:
     """One launcher run for ``window_s`` seconds; ``failures``: (seconds after the start, rank, signal), the pid
@@ -186,13 +200,7 @@ def goodput(repeats: int, tiny: bool) -> Result:
             # the same restart budget: each group's own is 3 by default, and one rank takes 4 of the failures
             "fault_tolerant": (["--fault-tolerant", "--max-restarts", "20", "--hang-timeout", "3"], schedule,
                                group_pids)}
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as d:
-        for name, (extra, failures, find) in runs.items():
-            print(f"goodput: {name} ({window:g} s)", flush=True)
-            run_dir = Path(d) / name
-            results[name] = run_window(run_dir, extra, window, failures, find)
-            results[name]["events"] = events(run_dir)
+    results = run_windows(runs, window)
     base = results["plain"]["samples"] or 1
     ft_events = results["fault_tolerant"]["events"]
     stalls = [e["stall_s"] for e in ft_events if e["kind"] == "drop"]
@@ -258,13 +266,7 @@ def goodput_horovod(repeats: int, tiny: bool) -> Result:
     runs = {"horovod_plain": (hvd, [], rank_pids),
             "horovod_restart_all": ([*hvd, "--max-restarts", "20"], schedule, rank_pids),
             "horovod_elastic": ([*hvd, "--fault-tolerant"], schedule, elastic_pids)}
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as d:
-        for name, (extra, failures, find) in runs.items():
-            print(f"goodput: {name} ({window:g} s)", flush=True)
-            run_dir = Path(d) / name
-            results[name] = run_window(run_dir, extra, window, failures, find)
-            results[name]["events"] = events(run_dir)
+    results = run_windows(runs, window)
     elastic = results["horovod_elastic"]
     elastic["samples"] = samples_elastic(elastic["events"], int(elastic["step"]))  # type: ignore[arg-type]
     base = results["horovod_plain"]["samples"] or 1
