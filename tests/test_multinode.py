@@ -247,3 +247,49 @@ def test_hosts_with_other_slot_counts_and_pinned_gpus(hosts: Hosts, tmp_path: Pa
     seen = {r["rank"]: r for r in map(json.loads, re.findall(r"DEVICES (\{[^}]*\})", out))}
     assert sorted(seen) == [0, 1, 2] and {r["world"] for r in seen.values()} == {3}
     assert sorted(r["visible"] for r in seen.values()) == ["0,2", "0,2", "3"]
+
+
+def kill_host(hosts: Hosts, node: int, run_dir: Path) -> None:
+    """Every process of the run on host ``node`` dies (node agents, torchruns, ranks)."""
+    for pid in hosts.pids(node):
+        with contextlib.suppress(OSError):
+            if str(run_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.torchft
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchft") is None, reason="torchft is not installed")
+def test_fault_tolerant_host_dies_the_other_goes_on_and_it_joins_when_back(hosts: Hosts, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fault-tolerant over a hostfile (torchft, a replica group per rank): host 1 dies and is unreachable for a
+    few seconds; the rank on host 0 keeps its process and keeps training; once host 1 answers again the launcher
+    starts its group there again, it heals from host 0's live state and rejoins; the run ends rc 0."""
+    from workers.events import read as events
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("LAUNCHER_TEST_SLOW_STEP_S", "0.02")
+    hostlist = tmp_path / "hosts"
+    hostlist.write_text("".join(f"{addr} slots=1\n" for addr in hosts.addrs))
+    proc = start_on(hosts, run_dir, "--hostfile", str(hostlist), "--ssh-config", str(hosts.ssh_config),
+                    "--ssh-timeout", "2", "--restart-backoff", "1", "--max-restarts", "5", "--fault-tolerant",
+                    "--lighthouse-port", "29621", "trainer.max_steps=1500", "trainer.log_every=25",
+                    "trainer.checkpoint_every=100", "trainer.eval_every=100000")
+    wait_until(proc, lambda: (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("*.json"))
+               and len(rank_processes(hosts, 1, run_dir)) == 1)
+    survivor = rank_processes(hosts, 0, run_dir)
+    assert list(survivor) == [0]
+    kill_host(hosts, 1, run_dir)
+    subprocess.run(["ip", "-n", hosts.namespaces[1], "link", "set", IFNAME, "down"], check=True)  # and it is gone
+    time.sleep(4)
+    assert rank_processes(hosts, 0, run_dir) == survivor  # host 0 trains on alone
+    subprocess.run(["ip", "-n", hosts.namespaces[1], "link", "set", IFNAME, "up"], check=True)  # back
+    wait_until(proc, lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=180)
+    assert rank_processes(hosts, 0, run_dir) == survivor  # never restarted, never read a checkpoint
+    code, out, err = finish(proc, timeout=300)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert f"group1 lost its host {hosts.addrs[1]}" in err, err[-3000:]
+    kinds = [e["kind"] for e in events(run_dir)]
+    assert "failure" in kinds and "drop" in kinds and "rejoin" in kinds, kinds
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 1500
+    assert leftover_processes(run_dir) == []
+    assert leftover_processes("[::]:29621") == []  # the lighthouse on host 0 went with the run

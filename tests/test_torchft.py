@@ -57,13 +57,56 @@ def test_plan_is_a_lighthouse_and_one_torchrun_per_group_with_its_own_restarts()
 @pytest.mark.parametrize(("kw", "words"), [
     ({"backend": "mpi"}, "MPI has no mode"),
     ({"backend": "horovod", "controller": "mpi"}, "needs the gloo controller"),  # Horovod Elastic
-    ({"nodes": 2, "node_rank": 0, "master_addr": "n0"}, "one node for now"),
 ])
 def test_fault_tolerant_refuses_what_it_cannot_do(kw: dict, words: str) -> None:
     from launcher.errors import UsageError
 
     with pytest.raises(UsageError, match=words):
         plan(gpus=2, **kw)
+
+
+def test_one_launcher_per_node_node_0_runs_the_lighthouse_and_groups_are_numbered_across_nodes() -> None:
+    shape = {"gpus": 2, "nodes": 2, "master_addr": "n0", "lighthouse_port": 29600}
+    head, other = plan(node_rank=0, **shape), plan(node_rank=1, **shape)
+    assert [c.name for c in head.commands] == ["lighthouse", "group0", "group1"]
+    assert [c.name for c in other.commands] == ["group2", "group3"]  # node 1 has no lighthouse of its own
+    for g, cmd in enumerate([*head.commands[1:], *other.commands]):
+        assert cmd.env["REPLICA_GROUP_ID"] == str(g) and cmd.env["NUM_REPLICA_GROUPS"] == "4"
+        assert cmd.env["TORCHFT_LIGHTHOUSE"] == "http://n0:29600"  # node 0's, for every group
+
+
+def test_hostfile_the_lighthouse_on_the_first_host_and_a_group_per_rank_over_ssh() -> None:
+    import shlex
+
+    from launcher.supervise.job import respawn
+
+    p = plan_launch(LaunchOptions(run_dir=Path("/runs/ft"), fault_tolerant=True, hosts=("a:2@1,3", "b:1")),
+                    device_count=4, free_port=29999, cpu_count=4, python="/venv/bin/python", env={}, job_token="t")
+    lighthouse, *groups = p.commands
+    assert lighthouse.service and lighthouse.remote and lighthouse.argv[0] == "ssh" and "a" in lighthouse.argv
+    assert "torchft_lighthouse" in lighthouse.argv[-1]
+    assert [(g.name, g.remote, g.argv[-2]) for g in groups] == [("group0", True, "a"), ("group1", True, "a"),
+                                                                ("group2", True, "b")]
+    remote = [shlex.split(g.argv[-1]) for g in groups]
+    assert "CUDA_VISIBLE_DEVICES=3" in remote[1] and "CUDA_VISIBLE_DEVICES=0" in remote[2]  # gpus=1,3 on host a
+    assert not any(w.startswith("LAUNCHER_DEVICES=") for w in remote[1])  # the group's one GPU, set here
+    assert all("TORCHFT_LIGHTHOUSE=http://a:29510" in r and "NUM_REPLICA_GROUPS=3" in r for r in remote)
+    assert groups[2].env["LAUNCHER_RUN_DIR"] == "/runs/ft/groups/2" and groups[2].env["LAUNCHER_HOST"] == "b"
+    again = respawn(p)
+    assert again is not None and again.budget == 3
+    rebuilt = again.build(3, 2)  # group 2 (command 3), its host lost after attempts 0 and 1
+    assert rebuilt.argv[-2] == "b" and "LAUNCHER_ATTEMPT=2" in shlex.split(rebuilt.argv[-1])
+
+
+def test_a_group_is_started_again_only_when_ssh_lost_its_host_and_within_its_budget() -> None:
+    from launcher.supervise.respawn import Respawn
+
+    r = Respawn(lambda i, a: None, budget=2, backoff_s=0)  # type: ignore[arg-type, return-value]
+    assert r.lost(1, 1) is None and r.lost(1, 0) is None  # the group's own failure (its torchrun gave up), or done
+    assert r.lost(1, 255) and r.lost(1, 255) is None  # scheduled once until started
+    assert r.ready() == [1] and r.ready() == []
+    assert r.lost(1, 255) and r.ready() == [1]
+    assert r.lost(1, 255) is None  # 2 of 2 used
 
 
 def test_missing_torchft_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,8 @@ _stacks = None  # the open file faulthandler writes into (it must stay open)
 
 
 def attempt_of(environ: os._Environ[str] | dict[str, str]) -> int:
-    return int(environ.get(contract.RESTART_COUNT_ENV) or environ.get(contract.ATTEMPT_ENV) or 0)
+    # torchrun's count after the launcher's: a replica group started again on a host that was lost (--fault-tolerant)
+    return int(environ.get(contract.RESTART_COUNT_ENV) or 0) + int(environ.get(contract.ATTEMPT_ENV) or 0)
 
 
 def current_attempt() -> int:

@@ -10,10 +10,11 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from launcher.backends import get_backend
+from launcher.backends import get_backend, torchft
 from launcher.backends.horovodrun import HorovodBackend
 from launcher.errors import UsageError
-from launcher.plan.types import LaunchPlan
+from launcher.plan.types import Cmd, LaunchPlan
+from launcher.supervise.respawn import Respawn
 from launcher.supervise.supervisor import Supervisor, not_restarting
 from launcher.supervise.watch import Timeouts, Watch
 from launcher.supervise.watch import describe as watch_describe
@@ -96,6 +97,19 @@ def group_watches(plan: LaunchPlan) -> dict[int, Watch]:
             for i, cmd in enumerate(plan.commands) if not cmd.service}
 
 
+def respawn(plan: LaunchPlan) -> Respawn | None:
+    """--fault-tolerant across hosts: how a group whose host was lost is started there again (respawn.py)."""
+    if not (plan.fault_tolerant and plan.backend == "torchrun" and plan.hosts):
+        return None
+    groups = torchft.placement(plan)
+    services = len(plan.commands) - len(groups)  # the lighthouse comes first
+
+    def build(index: int, attempt: int) -> Cmd:
+        group, host, slot = groups[index - services]
+        return torchft.group_command(plan, group, slot, host, attempt)
+    return Respawn(build, budget=plan.max_restarts, backoff_s=float(plan.env.get(contract.RESTART_BACKOFF_ENV, 1)))
+
+
 def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path | None) -> int:
     """Start the job and see it through; the exit code is the launcher's (see launcher/__init__.py)."""
     prepare_run_dir(plan, to_yaml(cfg) if cfg is not None else None, fresh=fresh, history=history)
@@ -120,7 +134,7 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
                          restarts_left=runner_restarts,
                          min_nodes=1 if plan.fault_tolerant else
                          plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None,
-                         group_watches=group_watches(plan))
+                         group_watches=group_watches(plan), respawn=respawn(plan))
         code = sup.run()
         if sup.signals:
             return code

@@ -17,6 +17,7 @@ from typing import TextIO
 from launcher.plan.types import Cmd
 from launcher.supervise.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
 from launcher.supervise.reaper import Reaper
+from launcher.supervise.respawn import Respawn
 from launcher.supervise.watch import Watch, describe
 from workers import contract, events
 
@@ -41,7 +42,7 @@ def not_restarting(attempt: int) -> str:
 class Supervisor:
     def __init__(self, commands: list[Cmd], out: TextIO | None = None, watch: Watch | None = None,
                  restarts_left: int = 0, min_nodes: int | None = None,
-                 group_watches: dict[int, Watch] | None = None) -> None:
+                 group_watches: dict[int, Watch] | None = None, respawn: Respawn | None = None) -> None:
         # None: the caller's sys.stdout at the time of writing (it may be redirected after import)
         self.commands, self._out, self.watch = commands, out, watch
         self.restarts_left = restarts_left  # that the runner itself makes (torchrun); the launcher's are its own
@@ -57,6 +58,8 @@ class Supervisor:
         self._lock = threading.Lock()
         # --fault-tolerant: a watch per replica group (command index -> its records), each group on its own
         self.group_watches = group_watches or {}
+        self.pumps: list[threading.Thread] = []
+        self.respawn = respawn
 
     def _pump(self, proc: subprocess.Popen, cmd: Cmd, prefix: str) -> None:
         assert proc.stdout is not None
@@ -76,7 +79,7 @@ class Supervisor:
         """``sig`` to the rank processes only: torchrun, horovodrun's helpers and the shells it starts ranks
         with would die of SIGUSR1's default action. Remote ranks get it from their node agent."""
         for p, cmd in zip(self.procs, self.commands, strict=False):
-            if p.poll() is not None:
+            if p.poll() is not None or cmd.service:
                 continue
             if cmd.remote:
                 self._send(p, f"RANKS {sig.name}")
@@ -125,31 +128,31 @@ class Supervisor:
             if p.poll() is None:
                 kill_group(p.pid, sig)
 
+    def _start(self, cmd: Cmd) -> subprocess.Popen:
+        proc = subprocess.Popen(list(cmd.argv), env={**os.environ, **cmd.env}, text=True, bufsize=1,
+                                stdin=subprocess.PIPE if cmd.remote else None,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, errors="replace")
+        pump = threading.Thread(target=self._pump, args=(proc, cmd, f"[{cmd.name}] " if len(self.commands) > 1 else ""),
+                                daemon=True)
+        pump.start()
+        self.pumps.append(pump)
+        return proc
+
     def run(self) -> int:
         """Start every command, wait for all; the first failure stops the rest. Returns an exit code."""
-        multi = len(self.commands) > 1
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-        pumps = []
         # every command carries the run's token: should the launcher die, however, the watchdog stops them all
         token = next((c.env[TOKEN_VAR] for c in self.commands if TOKEN_VAR in c.env), None)
         reaper = Reaper(token, os.environ) if token else None
         try:
-            for cmd in self.commands:
-                proc = subprocess.Popen(list(cmd.argv), env={**os.environ, **cmd.env}, text=True, bufsize=1,
-                                        stdin=subprocess.PIPE if cmd.remote else None,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        start_new_session=True, errors="replace")
-                self.procs.append(proc)
-                pump = threading.Thread(target=self._pump, args=(proc, cmd, f"[{cmd.name}] " if multi else ""),
-                                        daemon=True)
-                pump.start()
-                pumps.append(pump)
+            self.procs = [self._start(cmd) for cmd in self.commands]
             code = self._wait()
         finally:
             self._kill_all(signal.SIGKILL)  # nothing of ours outlives the launcher
             for p in self.procs:
                 p.wait()
-            for pump in pumps:
+            for pump in self.pumps:
                 pump.join(timeout=5)
             if reaper is not None:
                 reaper.close()
@@ -206,13 +209,37 @@ class Supervisor:
             assert watch.hang is not None
             group_event(cmd, "hang", watch.hang.step, attempt=watch.attempt, phase=watch.hang.phase,
                         stalled_s=watch.hang.stalled_s, stacks=watch.hang.stacks)
-            ranks = rank_processes(proc.pid, cmd.rank_marker)
-            signal_pids(ranks, signal.SIGUSR2)  # faulthandler: the stack into the group's attempts/N/rank0.stacks
-            signal_pids(ranks, signal.SIGCONT)  # a stopped rank runs its handler only once continued
+            self._signal_group(index, signal.SIGUSR2)  # faulthandler: the stack into its attempts/N/rank0.stacks
+            self._signal_group(index, signal.SIGCONT)  # a stopped rank runs its handler only once continued
             deadline = time.monotonic() + STACKS_WAIT_S
             while time.monotonic() < deadline and not watch.stacks_written():
                 time.sleep(0.1)
-            signal_pids(ranks, signal.SIGKILL)  # its torchrun restarts it (the group's own --max-restarts)
+            self._signal_group(index, signal.SIGKILL)  # its torchrun restarts it (the group's own --max-restarts)
+
+    def _signal_group(self, index: int, sig: signal.Signals) -> None:
+        """``sig`` to a replica group's rank: a remote group's from its node agent."""
+        cmd, proc = self.commands[index], self.procs[index]
+        if cmd.remote:
+            self._send(proc, f"RANKS {sig.name}")
+        else:
+            signal_pids(rank_processes(proc.pid, cmd.rank_marker), sig)
+
+    def _respawn(self) -> None:
+        """Fault tolerant across hosts: a group whose host was lost is started there again (respawn.py)."""
+        assert self.respawn is not None
+        for i, (cmd, proc) in enumerate(zip(self.commands, self.procs, strict=True)):
+            if cmd.service or proc.poll() is None or not (then := self.respawn.lost(i, proc.returncode)):
+                continue
+            watch = self.group_watches.get(i)
+            step = max((r.record.get("step", 0) for r in watch.ranks.values()), default=0) if watch else 0
+            host = cmd.env.get(contract.HOST_ENV, "?")
+            print(f"launcher: {cmd.name} lost its host {host} (ssh exited {proc.returncode}): {then}",
+                  file=sys.stderr, flush=True)
+            group_event(cmd, "failure", step, attempt=watch.attempt if watch else 0, reason="host lost", host=host)
+        for i in self.respawn.ready():
+            watch = self.group_watches.get(i)
+            self.commands[i] = self.respawn.build(i, watch.attempt + 1 if watch else 0)
+            self.procs[i] = self._start(self.commands[i])
 
     def elastic_ok(self, codes: list[int | None]) -> bool:
         """Elastic (--nodes MIN:MAX): enough nodes are still running, or finished well, for the job to go on."""
@@ -234,8 +261,13 @@ class Supervisor:
                 self.ranks_killed_at = None
             if self.ranks_killed_at is not None and time.monotonic() > self.ranks_killed_at + 10:
                 self._kill_all(signal.SIGKILL)  # a runner that does not notice its ranks are gone
-            # services (the lighthouse) serve the others: the job is the rest, and a service that ends early fails it
-            work = [(cmd, p.poll()) for cmd, p in zip(self.commands, self.procs, strict=True) if not cmd.service]
+            if self.respawn is not None and self.deadline is None:
+                self._respawn()
+            due = self.respawn.due if self.respawn is not None else {}
+            # services (the lighthouse) serve the others: the job is the rest, and a service that ends early fails it;
+            # a group due to start again is still part of it
+            work = [(cmd, None if i in due else p.poll())
+                    for i, (cmd, p) in enumerate(zip(self.commands, self.procs, strict=True)) if not cmd.service]
             codes = [c for _, c in work]
             failed = [c for c in codes if c not in (None, 0)]
             service_died = [cmd for cmd, p in zip(self.commands, self.procs, strict=True)

@@ -35,6 +35,23 @@ QUORUM_TIMEOUT_S = 60.0  # a quorum waits this long for the lighthouse (start-up
 CONNECT_TIMEOUT_S = 30.0
 
 
+def advertised(host: str | None) -> dict[str, Any]:
+    """On a hostfile's host (ssh fan-out), the Manager's arguments that make the other hosts reach this group by the
+    name the launcher reached it by: its manager server and its checkpoint server for a healing peer (its store is
+    MASTER_ADDR, torchrun's --local-addr). torchft advertises ``socket.gethostname()`` otherwise, which need not
+    resolve elsewhere. Nothing on one node."""
+    if not host:
+        return {}
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class Transport(HTTPTransport):
+        def address(self) -> str:
+            return super().address().replace(f"//{socket.gethostname()}:", f"//{host}:", 1)
+
+    return {"hostname": host,
+            "checkpoint_transport": Transport(timeout=timedelta(seconds=MANAGER_TIMEOUT_S), num_chunks=0)}
+
+
 class FTComm(SingleProcessComm):
     name = "torchft"
     signal_polls = False  # a group that heals mid-window joins the peers' collectives at a step's start
@@ -56,9 +73,11 @@ class FTComm(SingleProcessComm):
         self.manager = Manager(pg=pg, load_state_dict=None, state_dict=None, min_replica_size=1,
                                replica_id=f"group_{self.group}", timeout=timedelta(seconds=MANAGER_TIMEOUT_S),
                                quorum_timeout=timedelta(seconds=QUORUM_TIMEOUT_S),
-                               connect_timeout=timedelta(seconds=CONNECT_TIMEOUT_S))
+                               connect_timeout=timedelta(seconds=CONNECT_TIMEOUT_S),
+                               **advertised(environ.get(contract.HOST_ENV)))
         self.started = time.monotonic()
-        self.attempt = int(environ.get(contract.RESTART_COUNT_ENV) or 0)
+        # torchrun's restarts, after the launcher's: a group whose host was lost is a new torchrun (supervisor.py)
+        self.attempt = int(environ.get(contract.RESTART_COUNT_ENV) or 0) + int(environ.get(contract.ATTEMPT_ENV) or 0)
         self.participants = 0  # at the last step: a drop or a rejoin is a change of it
         self.step_started = time.monotonic()
         self.last_duration = 0.0  # of the step before: a failure stalls the step it hits and the next one
