@@ -263,7 +263,9 @@ def test_fault_tolerant_host_dies_the_other_goes_on_and_it_joins_when_back(hosts
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """--fault-tolerant over a hostfile (torchft, a replica group per rank): host 1 dies and is unreachable for a
     few seconds; the rank on host 0 keeps its process and keeps training; once host 1 answers again the launcher
-    starts its group there again, it heals from host 0's live state and rejoins; the run ends rc 0."""
+    starts its group there again, it heals from host 0's live state and rejoins. Then that rank hangs (SIGSTOP): the
+    launcher's watch of its group has its stack saved and kills it through host 1's node agent, and its torchrun
+    restarts it. The run ends rc 0."""
     from workers.events import read as events
 
     run_dir = tmp_path / "run"
@@ -272,8 +274,8 @@ def test_fault_tolerant_host_dies_the_other_goes_on_and_it_joins_when_back(hosts
     hostlist.write_text("".join(f"{addr} slots=1\n" for addr in hosts.addrs))
     proc = start_on(hosts, run_dir, "--hostfile", str(hostlist), "--ssh-config", str(hosts.ssh_config),
                     "--ssh-timeout", "2", "--restart-backoff", "1", "--max-restarts", "5", "--fault-tolerant",
-                    "--lighthouse-port", "29621", "trainer.max_steps=1500", "trainer.log_every=25",
-                    "trainer.checkpoint_every=100", "trainer.eval_every=100000")
+                    "--lighthouse-port", "29621", "--hang-timeout", "3", "trainer.max_steps=2500",
+                    "trainer.log_every=25", "trainer.checkpoint_every=100", "trainer.eval_every=100000")
     wait_until(proc, lambda: (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("*.json"))
                and len(rank_processes(hosts, 1, run_dir)) == 1)
     survivor = rank_processes(hosts, 0, run_dir)
@@ -285,11 +287,17 @@ def test_fault_tolerant_host_dies_the_other_goes_on_and_it_joins_when_back(hosts
     subprocess.run(["ip", "-n", hosts.namespaces[1], "link", "set", IFNAME, "up"], check=True)  # back
     wait_until(proc, lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=180)
     assert rank_processes(hosts, 0, run_dir) == survivor  # never restarted, never read a checkpoint
+    os.kill(next(iter(rank_processes(hosts, 1, run_dir).values())), signal.SIGSTOP)
+    wait_until(proc, lambda: sum(e["kind"] == "heal" for e in events(run_dir)) == 2, timeout=180)
+    assert rank_processes(hosts, 0, run_dir) == survivor
     code, out, err = finish(proc, timeout=300)
     assert code == 0, out[-3000:] + err[-3000:]
     assert f"group1 lost its host {hosts.addrs[1]}" in err, err[-3000:]
     kinds = [e["kind"] for e in events(run_dir)]
-    assert "failure" in kinds and "drop" in kinds and "rejoin" in kinds, kinds
-    assert json.loads((run_dir / "result.json").read_text())["step"] == 1500
+    assert "failure" in kinds and "drop" in kinds and "rejoin" in kinds and "hang" in kinds, kinds
+    stacks = list((run_dir / "groups" / "1" / "attempts").glob("*/rank0.stacks"))
+    # the hung attempt's, written on host 1 once its node agent passed on the launcher's SIGUSR2 and SIGCONT
+    assert any("most recent call first" in path.read_text() for path in stacks), stacks
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 2500
     assert leftover_processes(run_dir) == []
     assert leftover_processes("[::]:29621") == []  # the lighthouse on host 0 went with the run
