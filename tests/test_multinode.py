@@ -232,7 +232,8 @@ print("DEVICES " + json.dumps({"rank": int(os.environ["RANK"]), "world": int(os.
 """
 
 
-@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi)])
+@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi),
+                                     pytest.param("horovod", marks=pytest.mark.horovod)])
 def test_hosts_with_other_slot_counts_and_pinned_gpus(hosts: Hosts, tmp_path: Path, backend: str) -> None:
     """'host slots=N gpus=…' lines: 1 rank on host 0 pinned to GPU 3, 2 on host 1 pinned to GPUs 0 and 2 — each
     rank sees its host's CUDA_VISIBLE_DEVICES (set by workers/rank.py before CUDA starts), on every backend."""

@@ -30,6 +30,7 @@ from workers import contract, events
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 from workers.files import write_text
+from workers.rank import _is_this_host
 
 Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
@@ -42,6 +43,16 @@ def _slots(path: Path) -> dict[str, int]:
     return {host: int(n) for host, n in pairs}
 
 
+def local_slots_before(slots: dict[str, int], host: str) -> int:
+    """The GPUs taken on this machine by the hosts listed before ``host``. Horovod's local rank counts the workers
+    of one host *name*; on one node each rank is a "host" of one slot under another name of this machine
+    (launcher/backends/horovodrun.py), so there its GPU is its line's place. Hosts that are other machines (a
+    hostfile's) take none: there the GPU is the local rank."""
+    names = list(slots)
+    earlier = names[:names.index(host)] if host in slots else []
+    return sum(slots[name] for name in earlier if _is_this_host(name))
+
+
 class ElasticComm(HorovodComm):
     elastic = True
     signal_polls = False  # a worker that joins starts with the default poll interval, its peers with theirs
@@ -51,11 +62,9 @@ class ElasticComm(HorovodComm):
         self.host, self.max_restarts = host, max_restarts
         self.commit_every = max(1, commit_every)
         self.run_dir = run_dir  # events.jsonl's
-        # on one node each rank is a "host" of one slot (launcher/backends/horovodrun.py), so Horovod's local rank
-        # is 0 for all: the GPU is the slot's line in the discovery hosts file
         slots = _slots(contract.elastic_hosts_file(run_dir)) if run_dir is not None else {}
-        if host in slots and all(n == 1 for n in slots.values()):
-            self.device = pick_device(list(slots).index(host))
+        if offset := local_slots_before(slots, host):
+            self.device = pick_device(offset + self.local_rank)
         self.state: Any = None
         self.get_position: Callable[[], Position] | None = None
         self.set_position: Callable[[int, dict[str, Any], int], None] | None = None
