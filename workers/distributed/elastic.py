@@ -10,11 +10,13 @@ broadcast from rank 0. Rank 0 (checkpoints, TensorBoard) is whoever has rank 0 a
 console line and one ``RUN_DIR/events.jsonl`` record, with the survivors' stall (the last step before the failure
 to the first one after).
 
-Each slot has its own ``--max-restarts``: Horovod starts a failed slot's worker again after its blacklist cooldown,
-for ever. After every reset the members agree on who is in the world (one allgather of the slot names, which a
-joining worker makes too); rank 0 records each slot that left (``failure``) or came back (``rejoin``), counts the
-failures per slot in the state (committed and broadcast like the step), and takes a slot past its budget out of the
-discovery listing, so Horovod does not start it again while the others go on."""
+Each host of the discovery listing has its own ``--max-restarts`` (on one node a host is one slot, one rank): Horovod
+starts a failed host's workers again after its blacklist cooldown, for ever. After every reset the members agree on
+who is in the world (one allgather of the host names, which a joining worker makes too); rank 0 records each host
+that left (``failure``) or came back (``rejoin``), counts the failures per host in the state (committed and
+broadcast like the step), and takes a host past its budget out of the discovery listing, so Horovod does not start
+it again while the others go on. A host of several slots fails as one: Horovod blacklists the whole host when one of
+its workers fails and stops the others there, so its failure counts once, and it comes back with all its slots."""
 
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ class ElasticComm(HorovodComm):
         # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps. ``saved``
         # travels with the step: only rank 0 found the checkpoint it resumed from (nothing is collective before the
         # loop), and a rank that skips a save its peers make waits in the save's barrier while they evaluate.
-        # members, failures: the slots in the world at the last reset, each slot's failures (see _membership)
+        # members, failures: the hosts in the world at the last reset, each host's failures (see _membership)
         self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data,
                                             saved=saved, members=[], failures={})
         self.state.register_reset_callbacks([self._on_reset])
@@ -140,13 +142,14 @@ class ElasticComm(HorovodComm):
         self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
 
     def _membership(self, state: Any) -> None:
-        """Every member is here after a reset, a joining worker too: one allgather of the slot names; rank 0 records
-        who left and who came back, and drops a slot whose failures pass --max-restarts from the listing."""
+        """Every member is here after a reset, a joining worker too: one allgather of the host names (a host of N
+        slots is named N times); rank 0 records each host that left or came back (the records' ``slot``), and drops
+        a host whose failures pass --max-restarts from the listing."""
         now, before = sorted(super().allgather_object(self.host)), state.members
         if before:  # not the first start
             for host in sorted(set(before) - set(now)):
                 state.failures = {**state.failures, host: state.failures.get(host, 0) + 1}
-                used = state.failures[host] - 1  # Horovod's restarts of this slot so far
+                used = state.failures[host] - 1  # Horovod's restarts of this host so far
                 if self.is_main:
                     self.event("failure", state.step, slot=host, failures=state.failures[host])
                 if used >= self.max_restarts and self.is_main:
