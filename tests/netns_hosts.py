@@ -21,6 +21,7 @@ from pathlib import Path
 SUBNET = "10.231.{}.{}"
 IFNAME = "lnch0"  # the veth end's name inside each namespace (the same in both: GLOO_SOCKET_IFNAME)
 SSHD = "/usr/sbin/sshd"
+NETNS_ETC = Path("/etc/netns")  # per-namespace files `ip netns exec` mounts over /etc's
 
 
 @dataclass
@@ -86,6 +87,13 @@ def two_hosts(workdir: Path, subnet: int = 0) -> Iterator[Hosts]:
     try:
         for ns in hosts.namespaces:
             _run("ip", "netns", "add", ns)
+            # each host's name resolves to its address, as on a cluster: `ip netns exec` mounts /etc/netns/NS/hosts
+            # over /etc/hosts. (Horovod's gloo process sets ignore HOROVOD_GLOO_IFACE and bind to the hostname's
+            # address: horovod 0.28.1, gloo_context.cc InitializeForProcessSet)
+            etc = NETNS_ETC / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(Path("/etc/hosts").read_text() + "".join(
+                f"{addr} {name}\n" for addr, name in zip(hosts.addrs, hosts.hostnames, strict=True)))
         _run("ip", "link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y")
         for ns, end, addr in zip(hosts.namespaces, (f"{tag}x", f"{tag}y"), hosts.addrs, strict=True):
             _run("ip", "link", "set", end, "netns", ns)
@@ -122,5 +130,8 @@ def two_hosts(workdir: Path, subnet: int = 0) -> Iterator[Hosts]:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+        with contextlib.suppress(OSError):  # made here, unless another test's hosts still use it
+            NETNS_ETC.rmdir()
         for proc in sshds:
             proc.wait()

@@ -67,11 +67,65 @@ def test_more_ranks_than_local_names_is_refused() -> None:
 
 @pytest.mark.parametrize(("kw", "words"), [
     ({"controller": "mpi"}, "needs the gloo controller"),
-    ({"nodes": 2, "node_rank": 0, "master_addr": "n0"}, "one node for now"),
+    ({"nodes": 2, "node_rank": 0, "master_addr": "n0"}, "one horovodrun for every host"),
 ])
 def test_elastic_refuses_what_it_cannot_do(kw: dict, words: str) -> None:
     with pytest.raises(UsageError, match=words):
         plan(gpus=2, **kw)
+
+
+def test_elastic_across_hosts_lists_them_and_probes_their_interfaces(tmp_path: Path) -> None:
+    import subprocess
+
+    from launcher.backends.horovodrun import HorovodBackend, check_elastic
+
+    p = plan_launch(LaunchOptions(run_dir=tmp_path, backend="horovod", fault_tolerant=True,
+                                  hosts=("10.9.0.1:2", "10.9.0.2:2")),
+                    device_count=0, free_port=29999, cpu_count=4, python="/venv/bin/python", env={}, job_token="t")
+    argv = list(p.commands[0].argv)
+    # no loopback: horovodrun finds the interfaces the hosts share (over ssh, at the start)
+    assert argv[argv.index("-np") + 1] == "4" and "--network-interface" not in argv and check_elastic(p) is None
+    HorovodBackend.write_discovery(p)
+    out = subprocess.run([str(tmp_path / "discover_hosts.sh")], capture_output=True, text=True, check=True).stdout
+    assert out == "10.9.0.1:2\n10.9.0.2:2\n"
+    argv = list(plan(hosts=("a", "b"), network_interface="eth1").commands[0].argv)
+    assert argv.count("--network-interface") == 1 and argv[argv.index("--network-interface") + 1] == "eth1"
+    problem = check_elastic(plan(hosts=("node1:2",)))
+    assert problem is not None and "one host" in problem and "HINT" in problem
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the ssh client")
+def test_horovodruns_ssh_reaches_hosts_as_the_launchers_does(tmp_path: Path) -> None:
+    """horovodrun's bare ``ssh`` is the launcher's wrapper: --ssh-config and BatchMode apply (``ssh -G``: the options
+    it would connect with; it connects nowhere)."""
+    import subprocess
+
+    from launcher.backends.horovodrun import HorovodBackend
+
+    config = tmp_path / "ssh_config"
+    config.write_text("Host 10.9.*\n  User someone\n  Port 2222\n")
+    p = plan_launch(LaunchOptions(run_dir=tmp_path, backend="horovod", hosts=("10.9.0.1", "10.9.0.2"),
+                                  ssh_config=config),
+                    device_count=0, free_port=29999, cpu_count=4, python="/venv/bin/python", env={}, job_token="t")
+    HorovodBackend.write_ssh(p)
+    prefix = list(p.commands[0].argv[:p.commands[0].argv.index("horovodrun")])
+    found = subprocess.run([*prefix, "sh", "-c", "command -v ssh"], capture_output=True, text=True).stdout.strip()
+    assert found == str(tmp_path / "horovod_ssh" / "ssh")
+    # as horovod/runner/util/remote.py calls it
+    out = subprocess.run([found, "-o", "PasswordAuthentication=no", "-o", "StrictHostKeyChecking=no", "-G",
+                          "10.9.0.2"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert {"user someone", "port 2222", "batchmode yes", "connecttimeout 10"} <= set(out)
+
+
+@needs_horovod
+def test_a_workers_gpu_skips_only_this_machines_earlier_hosts() -> None:
+    from workers.distributed.elastic import local_slots_before
+
+    # one node: each rank a host of one slot under another name of this machine -> its line
+    assert local_slots_before({"localhost": 1, "127.0.0.1": 1}, "127.0.0.1") == 1
+    assert local_slots_before({"localhost": 1, "127.0.0.1": 1}, "localhost") == 0
+    # other machines take no GPU of this one: the GPU is Horovod's local rank
+    assert local_slots_before({"10.231.99.1": 2, "127.0.0.1": 2}, "127.0.0.1") == 0
 
 
 # -- real horovodrun -----------------------------------------------------------------------------------

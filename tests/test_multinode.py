@@ -225,6 +225,45 @@ def test_elastic_job_goes_on_without_a_node_that_died(hosts: Hosts, tmp_path: Pa
     assert leftover_processes(run_dir) == []
 
 
+@pytest.mark.horovod
+def test_horovod_elastic_host_dies_the_other_goes_on_and_it_is_added_back(hosts: Hosts, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--backend horovod --fault-tolerant over two hosts of one slot: host 1 dies (every process of the run on it,
+    SIGKILL); host 0's worker keeps its process and trains on at size 1; discovery still lists host 1, so after
+    Horovod's blacklist cooldown horovodrun starts a worker there again over ssh, and it is added back."""
+    from bench.goodput_suite import elastic_workers
+    from workers.events import read as events
+
+    def workers(node: int) -> list[int]:
+        return sorted(set(hosts.pids(node)) & set(elastic_workers(run_dir)))
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("LAUNCHER_TEST_SLOW_STEP_S", "0.05")  # forwarded to both hosts (horovodrun exports its env)
+    (tmp_path / "hosts").write_text(f"{hosts.addrs[0]} slots=1\n{hosts.addrs[1]} slots=1\n")
+    proc = start_on(hosts, run_dir, "--backend", "horovod", "--fault-tolerant", "--hostfile", str(tmp_path / "hosts"),
+                    "--ssh-config", str(hosts.ssh_config), "trainer.max_steps=500", "trainer.log_every=10",
+                    "trainer.eval_every=100000", "trainer.checkpoint_every=50")
+    wait_until(proc, lambda: len(workers(0)) == len(workers(1)) == 1
+               and (run_dir / "checkpoints" / "step-00000050.json").exists())
+    (survivor,), (victim,) = workers(0), workers(1)
+    for pid in hosts.pids(1):  # the host dies: the worker and the shell horovodrun's ssh started it in
+        with contextlib.suppress(OSError):
+            if str(run_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+    wait_until(proc, lambda: any(e["kind"] == "resumed" and e["size"] == 1 for e in events(run_dir)))
+    wait_until(proc, lambda: any(e["kind"] == "resumed" and e["size"] == 2 for e in events(run_dir)))
+    assert workers(0) == [survivor] and len(workers(1)) == 1 and workers(1) != [victim]  # a new worker on host 1
+    code, out, err = finish(proc, timeout=240)
+    assert code == 0, out[-3000:] + err[-3000:]
+    records = events(run_dir)
+    alone = next(e for e in records if e["kind"] == "resumed" and e["size"] == 1)
+    assert alone["host"] == hosts.hostnames[0]  # host 0's worker stepped on alone (it was rank 0 then)
+    slots = [(e["kind"], e["slot"]) for e in records if e["kind"] in ("failure", "rejoin")]
+    assert slots == [("failure", hosts.addrs[1]), ("rejoin", hosts.addrs[1])], slots
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 500
+    assert leftover_processes(run_dir) == [] and workers(0) == workers(1) == []
+
+
 SHOW_DEVICES = """
 import json, os, socket
 print("DEVICES " + json.dumps({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]),
@@ -232,7 +271,8 @@ print("DEVICES " + json.dumps({"rank": int(os.environ["RANK"]), "world": int(os.
 """
 
 
-@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi)])
+@pytest.mark.parametrize("backend", ["torchrun", pytest.param("mpi", marks=pytest.mark.mpi),
+                                     pytest.param("horovod", marks=pytest.mark.horovod)])
 def test_hosts_with_other_slot_counts_and_pinned_gpus(hosts: Hosts, tmp_path: Path, backend: str) -> None:
     """'host slots=N gpus=…' lines: 1 rank on host 0 pinned to GPU 3, 2 on host 1 pinned to GPUs 0 and 2 — each
     rank sees its host's CUDA_VISIBLE_DEVICES (set by workers/rank.py before CUDA starts), on every backend."""

@@ -200,15 +200,18 @@ def test_horovod_local_golden() -> None:
 def test_horovod_two_hosts_of_eight() -> None:
     p = plan(backend="horovod", gpus=8, hosts=("node1", "node2"), cpu_count=64)
     assert (p.nnodes, p.world_size) == (2, 16)
-    assert p.commands[0].argv == ("horovodrun", "-np", "16", "-H", "node1:8,node2:8", "--gloo", "--output-filename",
-                                  "/runs/r1/logs/horovod/attempt_0", PY, *TRAINER, "--comm", "horovod")
+    # horovodrun's bare `ssh` finds the launcher's wrapper first on PATH (--ssh-config, BatchMode, ...)
+    wrapper = ("sh", "-c", 'PATH="$0:$PATH" exec "$@"', "/runs/r1/horovod_ssh")
+    assert p.commands[0].argv == (*wrapper, "horovodrun", "-np", "16", "-H", "node1:8,node2:8", "--gloo",
+                                  "--output-filename", "/runs/r1/logs/horovod/attempt_0", PY, *TRAINER, "--comm",
+                                  "horovod")
 
 
 def test_horovod_hosts_controller_and_tuning() -> None:
     p = plan(backend="horovod", gpus=8, hosts=("node1", "node2:4"), controller="mpi", network_interface="eth0",
              timeline="/tmp/tl.json", fusion_threshold_mb=32, cycle_time_ms=2.5)
     argv = p.commands[0].argv
-    assert argv[:6] == ("horovodrun", "-np", "12", "-H", "node1:8,node2:4", "--mpi")
+    assert argv[4:10] == ("horovodrun", "-np", "12", "-H", "node1:8,node2:4", "--mpi")
     for flag, value in [("--timeline-filename", "/tmp/tl.json"), ("--fusion-threshold-mb", "32"),
                         ("--cycle-time-ms", "2.5"), ("--network-interface", "eth0")]:
         assert argv[argv.index(flag) + 1] == value

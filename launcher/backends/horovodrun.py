@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import shutil
 import socket
 from pathlib import Path
 
 from launcher.backends import find_runner, runner
+from launcher.plan.ssh import ssh_options
 from launcher.plan.types import Cmd, LaunchPlan
 from workers import contract
 
@@ -22,7 +24,11 @@ def local_names() -> list[str]:
 
 
 def check_elastic(plan: LaunchPlan) -> str | None:
-    """--backend horovod --fault-tolerant on one node: a name per rank (see write_discovery)."""
+    """--backend horovod --fault-tolerant: on one node a name per rank (see write_discovery); else two hosts or more."""
+    if len(plan.hosts) == 1:
+        return (f"--backend horovod --fault-tolerant: Horovod Elastic drops a failed worker's whole host, so with one "
+                f"host ({plan.hosts[0][0]}) any failure ends the job. HINT: list two hosts or more, or drop "
+                "--hostfile/--hosts to run on this node with a host per rank")
     if plan.hosts or plan.nproc_per_node <= len(names := local_names()):
         return None
     return (f"--backend horovod --fault-tolerant: Horovod Elastic drops a failed worker's whole host, so each rank "
@@ -42,10 +48,11 @@ class HorovodBackend:
         if plan.fault_tolerant:  # Horovod Elastic: the survivors go on at a smaller size, a worker back is added
             argv += ["--min-np", "1", "--max-np", str(plan.world_size),
                      "--host-discovery-script", str(contract.discovery_script(plan.run_dir))]
-            if "network-interface" not in plan.tuning:
+            if "network-interface" not in plan.tuning and not plan.hosts:
                 # without one, horovodrun's elastic driver finds the interfaces common to the hosts, which takes
                 # two hosts: on one it waits out --elastic-timeout (600 s) and starts nothing (gloo_run.py,
-                # _get_min_start_hosts). One host talks over loopback.
+                # _get_min_start_hosts). One node talks over loopback; the hosts of a hostfile (two or more,
+                # check_elastic) are probed over ssh at the start, as plain horovodrun does
                 argv += ["--network-interface", "lo"]
             # a failed worker's host (here: its slot) is out for a second or two, then discovery's listing of it
             # starts a new worker there, which joins at the next commit
@@ -64,15 +71,20 @@ class HorovodBackend:
                "MASTER_PORT": str(plan.master_port)}
         if plan.fault_tolerant:  # each slot's own --max-restarts: Horovod would start a failed slot again for ever
             env[contract.MAX_RESTARTS_ENV] = str(plan.max_restarts)
+        if plan.hosts:
+            # horovodrun starts remote workers (and its interface probe) with a bare `ssh` found on PATH, without
+            # -F (horovod/runner/util/remote.py): the launcher's wrapper (write_ssh), first on its PATH, adds the
+            # options of the launcher's own ssh (--ssh-config, BatchMode, ConnectTimeout, keepalive)
+            argv = ["sh", "-c", 'PATH="$0:$PATH" exec "$@"', str(self.ssh_dir(plan)), *argv]
         return [Cmd(argv=tuple(argv), env=env, name="horovodrun",
                     rank_marker=plan.rank_marker, relabel=(r"\[(\d+)\]<std(?:out|err)>:", r"[rank\1]:"))]
 
     @staticmethod
     def write_discovery(plan: LaunchPlan) -> None:
         """The host discovery script horovodrun polls under --fault-tolerant: it prints the hosts file beside it,
-        ``host:slots`` per line. Horovod Elastic takes a failed worker's whole host out of the job (its other
-        workers too), so on one node each rank is a "host" of one slot under a name of its own for this machine
-        (:func:`local_names`); a worker finds its GPU by its name's line (workers/distributed/elastic.py)."""
+        ``host:slots`` per line: the hostfile's hosts, else (one node) a "host" of one slot per rank under a name
+        of its own for this machine (:func:`local_names`), since Horovod Elastic takes a failed worker's whole host
+        out of the job, its other workers too. A worker finds its GPU from the file (workers/distributed/elastic.py)."""
         script, listing = contract.discovery_script(plan.run_dir), contract.elastic_hosts_file(plan.run_dir)
         dropped = contract.elastic_dropped_file(plan.run_dir)  # slots past their budget (distributed/elastic.py)
         hosts = plan.hosts or tuple((name, 1) for name in local_names()[:plan.nproc_per_node])
@@ -82,6 +94,21 @@ class HorovodBackend:
         script.write_text(f"#!/bin/sh\ngrep -v -x -F -f {shlex.quote(str(dropped))} {shlex.quote(str(listing))} "
                           "|| true\n")
         script.chmod(0o755)
+
+    @staticmethod
+    def ssh_dir(plan: LaunchPlan) -> Path:
+        return plan.run_dir / "horovod_ssh"
+
+    @classmethod
+    def write_ssh(cls, plan: LaunchPlan) -> None:
+        """``ssh_dir/ssh``: ssh with the launcher's options, then horovodrun's (a host is reached as the launcher's
+        pre-flight check and fan-out reach it). The real ssh by its full path: the wrapper is first on PATH."""
+        real = shutil.which("ssh") or "/usr/bin/ssh"
+        cls.ssh_dir(plan).mkdir(exist_ok=True)
+        wrapper = cls.ssh_dir(plan) / "ssh"
+        options = ssh_options(config=plan.ssh_config, timeout=plan.ssh_timeout)
+        wrapper.write_text(f'#!/bin/sh\nexec {shlex.join([real, *options])} "$@"\n')
+        wrapper.chmod(0o755)
 
     @staticmethod
     def log_dir(plan: LaunchPlan) -> Path:

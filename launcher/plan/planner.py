@@ -104,9 +104,11 @@ def _restarts(opts: LaunchOptions, backend: str, shape: _Shape) -> int:
         if backend == "mpi":
             raise UsageError("--fault-tolerant needs --backend torchrun (torchft): MPI has no mode in which the "
                              "other ranks go on after one fails")
-        if backend == "horovod" and (shape.nodes > 1 or shape.least != shape.nodes):
-            raise UsageError("--backend horovod --fault-tolerant runs on one node for now (Horovod Elastic: one "
-                             "host). HINT: drop --nodes/--hosts, or --backend torchrun --fault-tolerant (torchft)")
+        if backend == "horovod" and shape.nodes > 1 and not shape.hosts:
+            # one horovodrun starts every worker, on remote hosts over ssh: there is no launcher per node
+            raise UsageError("--backend horovod --fault-tolerant runs one horovodrun for every host: give them with "
+                             "--hostfile/--hosts (not --nodes/--node-rank). HINT: --hostfile FILE, 'host slots=N' "
+                             "per line")
         if backend == "horovod" and opts.controller != "gloo":
             raise UsageError("--backend horovod --fault-tolerant runs Horovod Elastic, which needs the gloo "
                              "controller. HINT: drop --controller mpi")

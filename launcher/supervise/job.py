@@ -84,6 +84,8 @@ def prepare_run_dir(plan: LaunchPlan, config_yaml: str | None, fresh: bool, hist
         contract.config_file(run_dir).write_text(config_yaml)
     if plan.fault_tolerant and plan.backend == "horovod":  # Horovod Elastic polls it for the hosts
         HorovodBackend.write_discovery(plan)
+    if plan.backend == "horovod" and plan.hosts:  # horovodrun's own ssh to the hosts
+        HorovodBackend.write_ssh(plan)
     record = {k: v for k, v in asdict(plan).items() if k != "commands"}
     record["commands"] = [{"name": c.name, "argv": list(c.argv), "env": dict(c.env)} for c in plan.commands]
     contract.plan_file(run_dir).write_text(json.dumps(record, indent=1, default=str))

@@ -10,11 +10,13 @@ broadcast from rank 0. Rank 0 (checkpoints, TensorBoard) is whoever has rank 0 a
 console line and one ``RUN_DIR/events.jsonl`` record, with the survivors' stall (the last step before the failure
 to the first one after).
 
-Each slot has its own ``--max-restarts``: Horovod starts a failed slot's worker again after its blacklist cooldown,
-for ever. After every reset the members agree on who is in the world (one allgather of the slot names, which a
-joining worker makes too); rank 0 records each slot that left (``failure``) or came back (``rejoin``), counts the
-failures per slot in the state (committed and broadcast like the step), and takes a slot past its budget out of the
-discovery listing, so Horovod does not start it again while the others go on."""
+Each host of the discovery listing has its own ``--max-restarts`` (on one node a host is one slot, one rank): Horovod
+starts a failed host's workers again after its blacklist cooldown, for ever. After every reset the members agree on
+who is in the world (one allgather of the host names, which a joining worker makes too); rank 0 records each host
+that left (``failure``) or came back (``rejoin``), counts the failures per host in the state (committed and
+broadcast like the step), and takes a host past its budget out of the discovery listing, so Horovod does not start
+it again while the others go on. A host of several slots fails as one: Horovod blacklists the whole host when one of
+its workers fails and stops the others there, so its failure counts once, and it comes back with all its slots."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from workers import contract, events
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 from workers.files import write_text
+from workers.rank import _is_this_host
 
 Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
@@ -42,6 +45,16 @@ def _slots(path: Path) -> dict[str, int]:
     return {host: int(n) for host, n in pairs}
 
 
+def local_slots_before(slots: dict[str, int], host: str) -> int:
+    """The GPUs taken on this machine by the hosts listed before ``host``. Horovod's local rank counts the workers
+    of one host *name*; on one node each rank is a "host" of one slot under another name of this machine
+    (launcher/backends/horovodrun.py), so there its GPU is its line's place. Hosts that are other machines (a
+    hostfile's) take none: there the GPU is the local rank."""
+    names = list(slots)
+    earlier = names[:names.index(host)] if host in slots else []
+    return sum(slots[name] for name in earlier if _is_this_host(name))
+
+
 class ElasticComm(HorovodComm):
     elastic = True
     signal_polls = False  # a worker that joins starts with the default poll interval, its peers with theirs
@@ -51,11 +64,9 @@ class ElasticComm(HorovodComm):
         self.host, self.max_restarts = host, max_restarts
         self.commit_every = max(1, commit_every)
         self.run_dir = run_dir  # events.jsonl's
-        # on one node each rank is a "host" of one slot (launcher/backends/horovodrun.py), so Horovod's local rank
-        # is 0 for all: the GPU is the slot's line in the discovery hosts file
         slots = _slots(contract.elastic_hosts_file(run_dir)) if run_dir is not None else {}
-        if host in slots and all(n == 1 for n in slots.values()):
-            self.device = pick_device(list(slots).index(host))
+        if offset := local_slots_before(slots, host):
+            self.device = pick_device(offset + self.local_rank)
         self.state: Any = None
         self.get_position: Callable[[], Position] | None = None
         self.set_position: Callable[[int, dict[str, Any], int], None] | None = None
@@ -73,7 +84,7 @@ class ElasticComm(HorovodComm):
         # the optimizer is Horovod's DistributedOptimizer: TorchState saves and restores the one it wraps. ``saved``
         # travels with the step: only rank 0 found the checkpoint it resumed from (nothing is collective before the
         # loop), and a rank that skips a save its peers make waits in the save's barrier while they evaluate.
-        # members, failures: the slots in the world at the last reset, each slot's failures (see _membership)
+        # members, failures: the hosts in the world at the last reset, each host's failures (see _membership)
         self.state = hvd.elastic.TorchState(model=self.model, optimizer=self.optimizer, step=step, data=data,
                                             saved=saved, members=[], failures={})
         self.state.register_reset_callbacks([self._on_reset])
@@ -131,13 +142,14 @@ class ElasticComm(HorovodComm):
         self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
 
     def _membership(self, state: Any) -> None:
-        """Every member is here after a reset, a joining worker too: one allgather of the slot names; rank 0 records
-        who left and who came back, and drops a slot whose failures pass --max-restarts from the listing."""
+        """Every member is here after a reset, a joining worker too: one allgather of the host names (a host of N
+        slots is named N times); rank 0 records each host that left or came back (the records' ``slot``), and drops
+        a host whose failures pass --max-restarts from the listing."""
         now, before = sorted(super().allgather_object(self.host)), state.members
         if before:  # not the first start
             for host in sorted(set(before) - set(now)):
                 state.failures = {**state.failures, host: state.failures.get(host, 0) + 1}
-                used = state.failures[host] - 1  # Horovod's restarts of this slot so far
+                used = state.failures[host] - 1  # Horovod's restarts of this host so far
                 if self.is_main:
                     self.event("failure", state.step, slot=host, failures=state.failures[host])
                 if used >= self.max_restarts and self.is_main:
