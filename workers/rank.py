@@ -8,7 +8,8 @@ sets torchrun's variables from MPI (workers/distributed/mpi_env.py). The built-i
 (``python -m workers.train``) does the same through :func:`run` without this wrapper.
 
 Files, in ``RUN_DIR/attempts/<N>/`` (N: torchrun's TORCHELASTIC_RESTART_COUNT, else the launcher's
-LAUNCHER_ATTEMPT), all keyed by global rank:
+LAUNCHER_ATTEMPT), all keyed by global rank (under Horovod Elastic by slot, in a folder per worker the attempt
+folder's files link to: workers/incarnation.py):
 
 ``rank<R>.progress``    phase and step (workers/progress.py), read by the launcher's hang watch
 ``rank<R>.exit.json``   how the process ended: exit code or signal, when, host, pid, whether a peer's
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from workers import contract, files, hooks, progress
+from workers import contract, files, hooks, incarnation, progress
 from workers.distributed.env import DistEnv
 
 MAX_BACKOFF_S = 30.0
@@ -70,9 +71,11 @@ def setup() -> None:
         hooks.rank_start(attempt)
     folder = contract.attempt_dir(Path(run_dir), attempt)
     folder.mkdir(parents=True, exist_ok=True)
-    error = contract.rank_file(folder, env.rank, contract.ERROR)
-    _files.update(exit=contract.rank_file(folder, env.rank, contract.EXIT),
-                  stacks=contract.rank_file(folder, env.rank, contract.STACKS),
+    # Horovod Elastic: a folder of this worker's own, named by its slot (workers/incarnation.py); else ``folder``
+    own, number, head = incarnation.place(folder, env.rank, os.environ, Path(run_dir))
+    error = contract.rank_file(own, number, contract.ERROR)
+    _files.update(exit=contract.rank_file(own, number, contract.EXIT),
+                  stacks=contract.rank_file(own, number, contract.STACKS),
                   error=Path(os.environ.setdefault(contract.ERROR_FILE_ENV, str(error))))
     _files["exit"].unlink(missing_ok=True)
     _stacks = open(_files["stacks"], "w")  # noqa: SIM115 -- faulthandler writes into it until the process ends
@@ -82,11 +85,12 @@ def setup() -> None:
         if signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, _record_and_die)
     pin_devices(os.environ)
-    progress.start(contract.rank_file(folder, env.rank, contract.PROGRESS),
-                   {"rank": env.rank, "local_rank": env.local_rank, "world_size": env.world_size,
+    progress.start(contract.rank_file(own, number, contract.PROGRESS),
+                   {"rank": number, "local_rank": env.local_rank, "world_size": env.world_size,
                     "pid": os.getpid(), "attempt": attempt,
                     "host": os.environ.get(contract.HOST_ENV) or socket.gethostname(),  # the hostfile's name
-                    "hostname": socket.gethostname()})
+                    "hostname": socket.gethostname(), **head})
+    incarnation.link(folder, own, number)
     if attempt > 0:
         backoff(contract.attempt_dir(Path(run_dir), attempt - 1), attempt, env.rank)
 
@@ -129,7 +133,7 @@ def backoff_ends(previous: Path, attempt: int, base: float, now: float) -> float
     previous attempt's first exit record, or after ``now`` where it left none."""
     delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF_S)
     exits = contract.rank_files(previous, contract.EXIT) if delay else []
-    times = [json.loads(p.read_text()).get("at", 0) for p in exits]
+    times = [r.get("at", 0) for p in exits if (r := files.read_json(p))]  # (Horovod Elastic: a link may dangle)
     return (min(times) if times else now) + delay
 
 

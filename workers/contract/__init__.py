@@ -124,6 +124,14 @@ def rank_of(path: Path) -> int:
     return int(path.name[4:].split(".")[0])
 
 
+def incarnation_dir(folder: Path, slot: int, incarnation: int) -> Path:
+    """Under Horovod Elastic, the records of the ``incarnation``-th worker (0: the first) that Horovod started on
+    ``slot`` in this attempt. Horovod starts a failed slot's worker again in the same attempt, and renumbers the
+    ranks after each reset, so a worker's records are its own here; the attempt folder's ``rank<S>.*`` are links to
+    the slot's newest worker's (workers/incarnation.py), which is what the launcher reads."""
+    return folder / f"slot{slot}" / str(incarnation)
+
+
 def hang_report(folder: Path) -> Path:
     """The launcher's table of every rank after a hang, in the attempt's folder."""
     return folder / "hang.txt"

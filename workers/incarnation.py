@@ -1,0 +1,71 @@
+"""Horovod Elastic: each worker's records are its own, whatever rank Horovod gives it.
+
+Horovod starts a failed slot's worker again within the same attempt, and renumbers the ranks after every reset.
+Records named by the Horovod rank at start were overwritten: a worker started again as rank 1 truncated the
+failed rank 1's records (the evidence of its failure), or a survivor's, whose start rank it took. So under Horovod
+Elastic (``HOROVOD_ELASTIC=1``, which horovodrun sets) a worker is named by its *slot* S, the place of its host's
+line in the hosts file (a slot runs one worker at a time), and writes its records into a folder of its own,
+``attempts/<N>/slot<S>/<k>/rank<S>.*`` (k: its start on that slot, 0 the first; claimed with mkdir, so two never
+share one). The attempt folder's ``rank<S>.*`` are links to the slot's newest worker's: the launcher's watch,
+failure report and hang watch read those as before. Everywhere else nothing changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from workers import contract
+
+ELASTIC_ENV = "HOROVOD_ELASTIC"  # "1" in every worker of an elastic horovodrun (horovod/runner/gloo_run.py)
+KINDS = (contract.PROGRESS, contract.EXIT, contract.STACKS, contract.ERROR)
+
+
+def elastic_slot(environ: Mapping[str, str], run_dir: Path) -> tuple[int, str] | None:
+    """(slot, the slot's host name) of a Horovod Elastic worker: the slots of the hosts file's lines before its host's,
+    plus its local rank. None outside Horovod Elastic, or for a host the file does not list."""
+    host = environ.get("HOROVOD_HOSTNAME")
+    if environ.get(ELASTIC_ENV) != "1" or not host:
+        return None
+    try:
+        lines = contract.elastic_hosts_file(run_dir).read_text().split()
+    except OSError:
+        return None
+    before = 0
+    for line in lines:
+        name, _, slots = line.rpartition(":")
+        if name == host:
+            return before + int(environ.get("HOROVOD_LOCAL_RANK") or 0), host
+        before += int(slots)
+    return None
+
+
+def place(folder: Path, rank: int, environ: Mapping[str, str], run_dir: Path) -> tuple[Path, int, dict[str, str]]:
+    """Where this process writes its records, under which number, and what its progress record adds: the attempt
+    folder and its rank, or under Horovod Elastic a new folder of the slot's, the slot, and the slot's host name."""
+    slot = elastic_slot(environ, run_dir)
+    if slot is None:
+        return folder, rank, {}
+    for k in itertools.count():
+        own = contract.incarnation_dir(folder, slot[0], k)
+        try:
+            own.mkdir(parents=True)
+        except FileExistsError:  # an earlier worker's on this slot
+            continue
+        return own, slot[0], {"slot": slot[1]}
+    raise AssertionError("unreachable")
+
+
+def link(folder: Path, own: Path, slot: int) -> None:
+    """The attempt folder's ``rank<S>.*`` -> this worker's own (an exit or error record not written yet is a
+    dangling link, as good as none to every reader). Relative links: the run directory may be moved."""
+    if own == folder:
+        return
+    for kind in KINDS:
+        flat = contract.rank_file(folder, slot, kind)
+        tmp = folder / f".{flat.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(contract.rank_file(own, slot, kind).relative_to(folder))
+        tmp.replace(flat)  # a reader sees the earlier worker's records or this one's, never none
