@@ -14,6 +14,7 @@ from launcher.backends import get_backend, torchft
 from launcher.backends.horovodrun import HorovodBackend
 from launcher.errors import UsageError
 from launcher.plan.types import Cmd, LaunchPlan
+from launcher.supervise import elastic_hang
 from launcher.supervise.respawn import Respawn
 from launcher.supervise.supervisor import Supervisor, not_restarting
 from launcher.supervise.watch import Timeouts, Watch
@@ -137,7 +138,9 @@ def launch(plan: LaunchPlan, cfg: object | None, *, fresh: bool, history: Path |
                          min_nodes=1 if plan.fault_tolerant else
                          plan.min_nodes if plan.elastic and len(plan.commands) > 1 else None,
                          group_watches=group_watches(plan), respawn=respawn(plan))
-        code = sup.run()
+        # Horovod Elastic: its own hang watch (a stuck worker is killed alone), while the supervisor runs
+        with elastic_hang.watching(plan, sup):
+            code = sup.run()
         if sup.signals:
             return code
         watch.poll()

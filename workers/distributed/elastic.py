@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import horovod.torch as hvd
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from workers import contract, events
+from workers import contract, events, progress
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 from workers.files import write_text
@@ -96,7 +97,13 @@ class ElasticComm(HorovodComm):
             assert self.set_position is not None
             # the committed (or broadcast) position, this world's shard
             self.set_position(state.step, state.data, state.saved)
-            return loop()
+            try:
+                return loop()
+            except (HorovodInternalError, HostsUpdatedInterrupt):
+                # Horovod resets now: the ring forms again, and waits for a joining worker's start-up (imports
+                # included). Start-up's timeout, not the step's, for the launcher's hang watch until the next step.
+                progress.phase(contract.INIT)
+                raise
 
         return run(self.state)
 
