@@ -7,6 +7,7 @@ re-forms at size 1, the killed slot is started again and added back; the run end
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -277,3 +278,58 @@ def test_users_own_elastic_script_runs_unmodified_and_survives_a_kill(tmp_path: 
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
     assert "reset: rank 0 of 1" in out and "reset: rank 0 of 2" in out  # went on alone, then the slot rejoined
     assert "rank 0: done at step 400: w 3.000 b -1.000" in out
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+@needs_horovod
+def test_stopped_worker_is_killed_alone_its_stack_and_records_kept_and_it_rejoins(tmp_path: Path) -> None:
+    """A SIGSTOPped worker holds the other in the next collective: past --hang-timeout the launcher saves its stack,
+    records the hang and kills it alone; the other keeps its process and steps on, the slot's worker comes back, and
+    the first worker's records on that slot are still there beside the second's."""
+    proc = start(tmp_path, "--backend", "horovod", "--fault-tolerant", "--hang-timeout", "8", "trainer.max_steps=600",
+                 "trainer.log_every=10", "trainer.eval_every=1000", "trainer.checkpoint_every=50",
+                 env={"LAUNCHER_TEST_SLOW_STEP_S": "0.03"})
+    attempt = tmp_path / "attempts" / "0"
+
+    def record(slot: int) -> dict:
+        return json.loads((attempt / f"rank{slot}.progress").read_text())
+
+    victim = 0
+    try:
+        wait_for(lambda: len(elastic_workers(tmp_path)) == 2
+                 and (tmp_path / "checkpoints" / "step-00000050.json").exists())
+        survivor, victim = record(0)["pid"], record(1)["pid"]
+        assert set(elastic_workers(tmp_path)) == {survivor, victim}
+        os.kill(victim, signal.SIGSTOP)
+        wait_for(lambda: any(e["kind"] == "hang" for e in events(tmp_path)))
+        hang_at = len(events(tmp_path))
+        wait_for(lambda: any(e["kind"] == "resumed" and e["size"] == 1 for e in events(tmp_path)[hang_at:]))
+        stepped = record(0)["step"]
+        wait_for(lambda: record(0)["step"] > stepped)  # the survivor steps on alone
+        assert survivor in elastic_workers(tmp_path) and victim not in elastic_workers(tmp_path)
+        wait_for(lambda: any(e["kind"] == "resumed" and e["size"] == 2 for e in events(tmp_path)[hang_at:]))
+        code, out, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            if victim:  # (0 would be this test's own process group)
+                os.kill(victim, signal.SIGKILL)
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    (hang,) = [e for e in events(tmp_path) if e["kind"] == "hang"]  # the stopped worker only
+    assert hang["pid"] == victim and hang["stopped"] and hang["by"] == "launcher", hang
+    assert "launcher: horovod elastic: hang: the worker on slot" in err
+    stacks = Path(hang["stacks"])
+    assert stacks == attempt / "slot1" / "0" / "rank1.stacks"
+    assert "most recent call first" in stacks.read_text()  # faulthandler's dump of the stopped worker
+    # each worker's records are its own: the first on slot 1 kept, the second beside it, the survivor's untouched
+    assert json.loads((attempt / "slot1" / "0" / "rank1.progress").read_text())["pid"] == victim
+    again = json.loads((attempt / "slot1" / "1" / "rank1.progress").read_text())
+    assert again["pid"] not in (victim, survivor) and again["phase"] == "done"
+    assert record(1) == again and record(0)["pid"] == survivor  # the attempt folder's links: each slot's newest
+    assert json.loads((attempt / "rank1.exit.json").read_text())["exit_code"] == 0
+    slots = [(e["kind"], e["slot"]) for e in events(tmp_path) if e["kind"] in ("failure", "rejoin")]
+    assert slots == [("failure", hang["slot"]), ("rejoin", hang["slot"])], slots
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 600
+    assert not run_processes(tmp_path)
