@@ -129,9 +129,11 @@ def _size(path: Path) -> int:
 
 @contextlib.contextmanager
 def watching(plan: LaunchPlan, sup: Supervisor) -> Iterator[None]:
-    """Under Horovod Elastic, the hang watch in a thread while the block (``sup.run()``) runs; it acts only until the
-    launcher stops the job (a signal, or a failure). Elsewhere nothing: the supervisor's own watch."""
-    if not (plan.fault_tolerant and plan.backend == "horovod"):
+    """Under Horovod Elastic on one node, the hang watch in a thread while the block (``sup.run()``) runs; it acts
+    only until the launcher stops the job (a signal, or a failure). Elsewhere nothing: the supervisor's own watch."""
+    # one node only: across hosts the stuck worker may be on another machine (its records too, on a disk of its
+    # own), while the ones here wait for it: killing one of them would kill a healthy worker
+    if not (plan.fault_tolerant and plan.backend == "horovod") or plan.hosts:
         yield
         return
     watch, stop = ElasticHangWatch(plan.run_dir, Timeouts(*plan.timeouts), plan.attempt), threading.Event()
