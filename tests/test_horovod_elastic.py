@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -264,8 +263,10 @@ def test_users_own_elastic_script_runs_unmodified_and_survives_a_kill(tmp_path: 
     proc = start(tmp_path, "--backend", "horovod", "--fault-tolerant", "--", script, "--steps", "400",
                  "--sleep", "0.03")
     try:
-        wait_for(lambda: len(elastic_workers(tmp_path)) == 2)
-        time.sleep(3)
+        # both in the loop (a worker killed in hvd.init, before hvd.elastic.run, takes its peer's start-up with it):
+        # the script prints its step 50 into horovodrun's file per rank
+        outputs = [tmp_path / "logs" / "horovod" / "attempt_0" / f"rank.{r}" / "stdout" for r in (0, 1)]
+        wait_for(lambda: all(o.exists() and " step 50 " in o.read_text() for o in outputs))
         pids = elastic_pids(tmp_path)
         os.kill(pids[1], signal.SIGKILL)
         wait_for(lambda: len(elastic_workers(tmp_path)) == 2 and pids[1] not in
