@@ -19,6 +19,8 @@ EXPECTED = {
     "checkpoint": {"stall_s", "state_mb", "ratio_async_to_sync"},
     "lm": {"tokens_per_s", "mfu", "fastest", "flops_per_token", "device", "peak_flops_per_rank"},
     "recovery": {"recovery_s", "hang_summary_s", "hang_exit_s", "goals", "medians", "met", "breakdown_s"},
+    "elastic_commit": {"probe", "medians_s", "commit_cost_s", "step_s", "rates", "chosen", "config_default",
+                       "default_to_chosen", "goals"},
 }
 
 
@@ -74,11 +76,38 @@ def test_check_flags_short_results_and_regenerates_the_readme(tmp_path: Path, ca
     assert readme.read_text() == text  # the same JSON, the same README
 
 
+def test_elastic_commit_interval_weighs_commit_cost_against_redone_steps() -> None:
+    """A commit of 8.5 ms, a step of 4 ms, a failure every 20 s: overhead(K) = 8.5/(4K) + 0.05 * 0.004 * K/2;
+    Young's optimum sqrt(2 * 0.0085 / 0.05) / 0.004 = 145.8 steps. Near it the curve is flat: 200 costs 3.06 %,
+    100 3.12 %, 50 4.75 %."""
+    from bench.elastic_commit_suite import choose_interval, optimum, overhead
+
+    commit, step, rate = 0.0085, 0.004, 0.05
+    assert overhead(commit, step, rate, 10) == pytest.approx(0.2125 + 0.001)
+    assert overhead(commit, step, rate, 200) == pytest.approx(0.030625)
+    assert optimum(commit, step, rate) == pytest.approx(145.8, abs=0.1)
+    assert choose_interval(commit, step, rate) == 200
+    assert choose_interval(commit, step, rate, (10, 50, 100)) == 100
+    # rarer failures, a longer interval; a commit as cheap as nothing, every step
+    assert choose_interval(commit, step, 1 / 3600) == 2000
+    assert choose_interval(1e-9, step, rate) == 1
+
+
 def test_every_suite_has_expectations() -> None:
     # data has its own tests (tests/test_bench_data.py); goodput takes minutes even tiny (four runs of a window
     # with failures): what it measures is tested in tests/test_torchft.py and tests/test_horovod_elastic.py, the
     # suites are run for the README
     assert set(SUITES) == set(EXPECTED) | {"data", "goodput", "goodput_horovod"}
+
+
+def test_elastic_commit_default_is_the_measured_choice() -> None:
+    """configs/trainer/default.yaml's trainer.elastic_commit_every is the K the recorded elastic_commit run chose
+    (a new run that chooses another K is a change to the default, or to the README's account of it)."""
+    from bench.elastic_commit_suite import config_default
+
+    record = json.loads((Path(__file__).parents[1] / "bench" / "results" / "elastic_commit.json").read_text())
+    assert not record["tiny"]
+    assert record["chosen"] == record["config_default"] == config_default()
 
 
 @pytest.mark.slow
