@@ -151,6 +151,27 @@ def kill_and_finish(run_dir: Path, victim: int) -> tuple[int, str, str, int]:
     return code, out, err, survivor
 
 
+def test_a_departed_workers_failure_record_is_in_its_own_folder(tmp_path: Path) -> None:
+    from workers import contract, incarnation
+
+    (tmp_path / "elastic_hosts.txt").write_text("localhost:1\nnode2:2\n")
+    killed, raised = (contract.incarnation_dir(contract.attempt_dir(tmp_path, 0), s, 0) for s in (1, 2))
+    for own, slot in ((killed, 1), (raised, 2)):
+        own.mkdir(parents=True)
+        contract.rank_file(own, slot, contract.PROGRESS).write_text(json.dumps({"pid": 40 + slot, "step": 7,
+                                                                                 "phase": "step"}))
+    raised_exit = {"exit_code": 1, "signal": None, "at": 5.0, "log": "L"}  # an exception's exit record
+    contract.rank_file(raised, 2, contract.EXIT).write_text(json.dumps(raised_exit))
+    assert incarnation.record_departure(tmp_path, 0, "node2", 9) == [contract.failure_file(killed),
+                                                                   contract.failure_file(raised)]
+    first, second = (json.loads(contract.failure_file(d).read_text()) for d in (killed, raised))
+    assert (first["reason"], first["signal"], first["pid"], first["step"]) == ("signal", "SIGKILL", 41, 7)
+    assert "no exit record" in first["note"]
+    assert (second["reason"], second["exit_code"], second["log"]) == ("exit", 1, "L")
+    assert incarnation.record_departure(tmp_path, 0, "node2", 9) == []  # written once
+    assert incarnation.record_departure(tmp_path, 0, "gone", 9) == []
+
+
 @pytest.mark.slow
 @pytest.mark.horovod
 @needs_horovod
@@ -166,6 +187,8 @@ def test_killed_worker_the_other_goes_on_and_it_rejoins(tmp_path: Path) -> None:
     assert "horovod elastic: reset at step" in out
     slots = [(e["kind"], e["slot"]) for e in events(tmp_path) if e["kind"] in ("failure", "rejoin")]
     assert len(slots) == 2 and slots[0][0] == "failure" and slots[1] == ("rejoin", slots[0][1]), slots
+    [record] = next(e for e in events(tmp_path) if e["kind"] == "failure")["records"]  # the killed worker's
+    assert "/slot1/0/" in record and json.loads(Path(record).read_text())["signal"] == "SIGKILL"
     steps = [s for s, _ in tb_scalars(tmp_path)["train/loss"]]
     assert steps[-1] == 600
     assert not run_processes(tmp_path)

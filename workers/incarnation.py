@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from workers import contract
+from workers.contract.failure import Failure
+from workers.files import read_json
 
 ELASTIC_ENV = "HOROVOD_ELASTIC"  # "1" in every worker of an elastic horovodrun (horovod/runner/gloo_run.py)
 KINDS = (contract.PROGRESS, contract.EXIT, contract.STACKS, contract.ERROR)
@@ -69,3 +72,38 @@ def link(folder: Path, own: Path, slot: int) -> None:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(contract.rank_file(own, slot, kind).relative_to(folder))
         tmp.replace(flat)  # a reader sees the earlier worker's records or this one's, never none
+
+
+def host_slots(run_dir: Path, host: str) -> list[int]:
+    """The slots of ``host``'s line in the hosts file (a host of N slots has N; [] when it is not listed)."""
+    before = 0
+    for line in contract.elastic_hosts_file(run_dir).read_text().split():
+        name, _, slots = line.rpartition(":")
+        if name == host:
+            return list(range(before, before + int(slots)))
+        before += int(slots)
+    return []
+
+
+def record_departure(run_dir: Path, attempt: int, host: str, step: int) -> list[Path]:
+    """A worker of ``host`` left the job (Horovod reset without it): its failure record, ``failure.json`` in its own
+    folder beside its other records (the newest on each of the host's slots), as the launcher writes one per
+    attempt elsewhere. From its exit record when it wrote one (an exception, an exit code); else it died without
+    one (SIGKILL, the OOM killer, or lost with its host). Returns the files written."""
+    folder, written = contract.attempt_dir(run_dir, attempt), []
+    for slot in host_slots(run_dir, host):
+        own = max((p for p in (folder / f"slot{slot}").glob("*") if p.name.isdigit()), key=lambda p: int(p.name),
+                  default=None)
+        if own is None or contract.failure_file(own).exists():
+            continue
+        info = read_json(contract.rank_file(own, slot, contract.PROGRESS)) or {}
+        end = read_json(contract.rank_file(own, slot, contract.EXIT)) or {}
+        died = not end or not end.get("exit_code")  # no record, or one of a clean exit: it did not end on its own
+        Failure(attempt=attempt, reason="signal" if died or end.get("signal") else "exit", rank=slot,
+                exit_code=137 if died else int(end["exit_code"]), at=float(end.get("at") or time.time()),
+                host=host, pid=info.get("pid"), signal="SIGKILL" if died else end.get("signal"),
+                phase=info.get("phase"), step=info.get("step", step), first_step_reached=bool(info.get("steps")),
+                note="no exit record: killed (a kill -9, the OOM killer) or lost with its host" if died else None,
+                error_file=end.get("error_file"), log=end.get("log")).write(contract.failure_file(own))
+        written.append(contract.failure_file(own))
+    return written

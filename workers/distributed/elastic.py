@@ -20,6 +20,7 @@ its workers fails and stops the others there, so its failure counts once, and it
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -29,11 +30,11 @@ from typing import Any
 import horovod.torch as hvd
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from workers import contract, events, progress
+from workers import contract, events, incarnation, progress
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 from workers.files import write_text
-from workers.rank import _is_this_host
+from workers.rank import _is_this_host, attempt_of
 
 Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
@@ -158,7 +159,8 @@ class ElasticComm(HorovodComm):
                 state.failures = {**state.failures, host: state.failures.get(host, 0) + 1}
                 used = state.failures[host] - 1  # Horovod's restarts of this host so far
                 if self.is_main:
-                    self.event("failure", state.step, slot=host, failures=state.failures[host])
+                    records = [str(path) for path in self._record_departure(host, state.step)]
+                    self.event("failure", state.step, slot=host, failures=state.failures[host], records=records)
                 if used >= self.max_restarts and self.is_main:
                     self._drop(host)
             for host in sorted(set(now) - set(before)) if self.is_main else []:
@@ -167,6 +169,12 @@ class ElasticComm(HorovodComm):
             # kept now, not at the next commit: a failure before it rolls back to the state saved last
             state.members = now
             state.save()
+
+    def _record_departure(self, host: str, step: int) -> list[Path]:
+        """failure.json of the worker that left, in its own folder (workers/incarnation.py); [] without a run dir."""
+        if self.run_dir is None:
+            return []
+        return incarnation.record_departure(self.run_dir, attempt_of(os.environ), host, step)
 
     def _drop(self, host: str) -> None:
         """Out of the discovery listing: Horovod does not start a worker on it again (the others go on)."""
