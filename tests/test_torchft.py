@@ -80,17 +80,18 @@ def test_hostfile_the_lighthouse_on_the_first_host_and_a_group_per_rank_over_ssh
 
     from launcher.supervise.job import respawn
 
-    p = plan_launch(LaunchOptions(run_dir=Path("/runs/ft"), fault_tolerant=True, hosts=("a:2@1,3", "b:1")),
+    p = plan_launch(LaunchOptions(run_dir=Path("/runs/ft"), fault_tolerant=True, hosts=("a:2@1,3", "b:2")),
                     device_count=4, free_port=29999, cpu_count=4, python="/venv/bin/python", env={}, job_token="t")
     lighthouse, *groups = p.commands
     assert lighthouse.service and lighthouse.remote and lighthouse.argv[0] == "ssh" and "a" in lighthouse.argv
     assert "torchft_lighthouse" in lighthouse.argv[-1]
     assert [(g.name, g.remote, g.argv[-2]) for g in groups] == [("group0", True, "a"), ("group1", True, "a"),
-                                                                ("group2", True, "b")]
+                                                                ("group2", True, "b"), ("group3", True, "b")]
     remote = [shlex.split(g.argv[-1]) for g in groups]
-    assert "CUDA_VISIBLE_DEVICES=3" in remote[1] and "CUDA_VISIBLE_DEVICES=0" in remote[2]  # gpus=1,3 on host a
+    gpus = [next(w for w in r if w.startswith("CUDA_VISIBLE_DEVICES=")).split("=")[1] for r in remote]
+    assert gpus == ["1", "3", "0", "1"]  # gpus=1,3 on host a; b's slots in order
     assert not any(w.startswith("LAUNCHER_DEVICES=") for w in remote[1])  # the group's one GPU, set here
-    assert all("TORCHFT_LIGHTHOUSE=http://a:29510" in r and "NUM_REPLICA_GROUPS=3" in r for r in remote)
+    assert all("TORCHFT_LIGHTHOUSE=http://a:29510" in r and "NUM_REPLICA_GROUPS=4" in r for r in remote)
     assert groups[2].env["LAUNCHER_RUN_DIR"] == "/runs/ft/groups/2" and groups[2].env["LAUNCHER_HOST"] == "b"
     again = respawn(p)
     assert again is not None and again.budget == 3

@@ -68,7 +68,8 @@ def group_command(plan: LaunchPlan, group: int, slot: int, host: str | None = No
             # on a hostfile's host: the address its torchrun's store is reached by (MASTER_ADDR, which the Manager
             # advertises when its group leads a quorum), not the hostname, which need not resolve elsewhere
             *(("--local-addr", host) if host else ()), *plan.rank_program)
-    gpu = (_pinned(plan, host) or [str(slot)])[slot] if host else str(slot)
+    pinned = _pinned(plan, host) if host else []
+    gpu = pinned[slot] if pinned else str(slot)
     own = {contract.REPLICA_GROUP_ENV: str(group), **({contract.HOST_ENV: host} if host else {}),
            # each group's rank is rank 0 of its torchrun: its own records, and its own GPU
            contract.RUN_DIR_ENV: str(contract.group_dir(plan.run_dir, group))}
