@@ -39,8 +39,9 @@ def pythonpath(env: Mapping[str, str]) -> str:
     """PYTHONPATH for a process we start (ranks, probes, the reaper): the checkout first, so ``-m workers.train``
     and ``-m launcher.…`` work from any working directory, then the caller's. An installed wheel needs nothing
     (its site-packages is on the path already, and must not go ahead of the standard library)."""
-    root = source_root()
-    return os.pathsep.join(p for p in (str(root or ""), env.get("PYTHONPATH", "")) if p)
+    root = str(source_root() or "")
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]  # not twice when already there
+    return os.pathsep.join([root, *rest] if root else rest)
 
 
 def config_dir() -> Path:

@@ -37,7 +37,8 @@ def build_comm(kind: str, env: DistEnv, ddp: DDPConfig | None = None, environ: M
 
         run_dir = Path(environ[contract.RUN_DIR_ENV]) if contract.RUN_DIR_ENV in environ else None
         return ElasticComm(commit_every, run_dir, environ.get("HOROVOD_HOSTNAME", ""),
-                           int(environ.get(contract.MAX_RESTARTS_ENV, "3")))
+                           int(environ.get(contract.MAX_RESTARTS_ENV, "3")),
+                           attempt=int(environ.get(contract.ATTEMPT_ENV) or 0))  # the launcher's horovodrun start
     if kind == "horovod":
         from workers.distributed.horovod import HorovodComm  # lazy: horovod is an optional extra
 

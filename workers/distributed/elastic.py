@@ -20,7 +20,6 @@ its workers fails and stops the others there, so its failure counts once, and it
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from workers import contract, events, incarnation, progress
 from workers.distributed.comm import pick_device
 from workers.distributed.horovod import HorovodComm
 from workers.files import write_text
-from workers.rank import _is_this_host, attempt_of
+from workers.rank import _is_this_host
 
 Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
@@ -61,9 +60,11 @@ class ElasticComm(HorovodComm):
     elastic = True
     signal_polls = False  # a worker that joins starts with the default poll interval, its peers with theirs
 
-    def __init__(self, commit_every: int, run_dir: Path | None, host: str, max_restarts: int) -> None:
+    def __init__(self, commit_every: int, run_dir: Path | None, host: str, max_restarts: int,
+                 attempt: int = 0) -> None:
         super().__init__()
         self.host, self.max_restarts = host, max_restarts
+        self.attempt = attempt  # the records' attempt folder (the launcher's restarts of horovodrun)
         self.commit_every = max(1, commit_every)
         self.run_dir = run_dir  # events.jsonl's
         slots = _slots(contract.elastic_hosts_file(run_dir)) if run_dir is not None else {}
@@ -174,7 +175,7 @@ class ElasticComm(HorovodComm):
         """failure.json of the worker that left, in its own folder (workers/incarnation.py); [] without a run dir."""
         if self.run_dir is None:
             return []
-        return incarnation.record_departure(self.run_dir, attempt_of(os.environ), host, step)
+        return incarnation.record_departure(self.run_dir, self.attempt, host, step)
 
     def _drop(self, host: str) -> None:
         """Out of the discovery listing: Horovod does not start a worker on it again (the others go on)."""
