@@ -323,8 +323,11 @@ def test_stopped_worker_is_killed_alone_its_stack_and_records_kept_and_it_rejoin
 
     victim = 0
     try:
+        # both past the checkpoint at step 50 (its barrier is in phase checkpoint, whose timeout is the checkpoint
+        # one) and training: the survivor will wait for the stopped one in a step's all-reduce
         wait_for(lambda: len(elastic_workers(tmp_path)) == 2
-                 and (tmp_path / "checkpoints" / "step-00000050.json").exists())
+                 and (tmp_path / "checkpoints" / "step-00000050.json").exists()
+                 and all(record(s)["phase"] == "step" and record(s)["step"] > 52 for s in (0, 1)))
         survivor, victim = record(0)["pid"], record(1)["pid"]
         assert set(elastic_workers(tmp_path)) == {survivor, victim}
         os.kill(victim, signal.SIGSTOP)
