@@ -32,17 +32,8 @@ def elastic_slot(environ: Mapping[str, str], run_dir: Path) -> tuple[int, str] |
     host = environ.get("HOROVOD_HOSTNAME")
     if environ.get(ELASTIC_ENV) != "1" or not host:
         return None
-    try:
-        lines = contract.elastic_hosts_file(run_dir).read_text().split()
-    except OSError:
-        return None
-    before = 0
-    for line in lines:
-        name, _, slots = line.rpartition(":")
-        if name == host:
-            return before + int(environ.get("HOROVOD_LOCAL_RANK") or 0), host
-        before += int(slots)
-    return None
+    slots = host_slots(run_dir, host)
+    return (slots[0] + int(environ.get("HOROVOD_LOCAL_RANK") or 0), host) if slots else None
 
 
 def place(folder: Path, rank: int, environ: Mapping[str, str], run_dir: Path) -> tuple[Path, int, dict[str, str]]:
@@ -76,8 +67,12 @@ def link(folder: Path, own: Path, slot: int) -> None:
 
 def host_slots(run_dir: Path, host: str) -> list[int]:
     """The slots of ``host``'s line in the hosts file (a host of N slots has N; [] when it is not listed)."""
+    try:
+        lines = contract.elastic_hosts_file(run_dir).read_text().split()
+    except OSError:
+        return []
     before = 0
-    for line in contract.elastic_hosts_file(run_dir).read_text().split():
+    for line in lines:
         name, _, slots = line.rpartition(":")
         if name == host:
             return list(range(before, before + int(slots)))

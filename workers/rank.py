@@ -99,8 +99,7 @@ def pin_devices(environ: os._Environ[str]) -> None:
     """A hostfile's ``gpus=``: LAUNCHER_DEVICES="host=0,2;other=1" -> CUDA_VISIBLE_DEVICES for this host's ranks,
     set before CUDA starts. This host is the one the launcher named (LAUNCHER_HOST, ssh fan-out), else the
     entry whose address this machine owns (mpirun and horovodrun start ranks without telling)."""
-    for entry in filter(None, environ.get(contract.DEVICES_ENV, "").split(";")):
-        host, _, devices = entry.partition("=")
+    for host, devices in contract.devices_by_host(environ.get(contract.DEVICES_ENV, "")).items():
         if environ.get(contract.HOST_ENV) == host or (contract.HOST_ENV not in environ and _is_this_host(host)):
             environ["CUDA_VISIBLE_DEVICES"] = devices
             return

@@ -49,15 +49,6 @@ def lighthouse_command(plan: LaunchPlan) -> Cmd:
                name="lighthouse", service=True)
 
 
-def _pinned(plan: LaunchPlan, host: str) -> list[str]:
-    """A hostfile's ``gpus=`` for ``host`` (LAUNCHER_DEVICES "host=0,2;…"), [] when none are pinned."""
-    for entry in filter(None, plan.env.get(contract.DEVICES_ENV, "").split(";")):
-        name, _, devices = entry.partition("=")
-        if name == host:
-            return devices.split(",")
-    return []
-
-
 def group_command(plan: LaunchPlan, group: int, slot: int, host: str | None = None, attempt: int = 0) -> Cmd:
     """Replica group ``group``: a torchrun of one rank on ``host`` (over ssh; None: here), using the host's GPU
     ``slot``. ``attempt``: the group's attempts before this torchrun (its host was lost and it is started again),
@@ -68,8 +59,9 @@ def group_command(plan: LaunchPlan, group: int, slot: int, host: str | None = No
             # on a hostfile's host: the address its torchrun's store is reached by (MASTER_ADDR, which the Manager
             # advertises when its group leads a quorum), not the hostname, which need not resolve elsewhere
             *(("--local-addr", host) if host else ()), *plan.rank_program)
-    pinned = _pinned(plan, host) if host else []
-    gpu = pinned[slot] if pinned else str(slot)
+    # a hostfile's gpus= for the host, else its GPUs in order
+    pinned = contract.devices_by_host(plan.env.get(contract.DEVICES_ENV, "")).get(host or "", "")
+    gpu = pinned.split(",")[slot] if pinned else str(slot)
     own = {contract.REPLICA_GROUP_ENV: str(group), **({contract.HOST_ENV: host} if host else {}),
            # each group's rank is rank 0 of its torchrun: its own records, and its own GPU
            contract.RUN_DIR_ENV: str(contract.group_dir(plan.run_dir, group))}

@@ -135,3 +135,8 @@ def incarnation_dir(folder: Path, slot: int, incarnation: int) -> Path:
 def hang_report(folder: Path) -> Path:
     """The launcher's table of every rank after a hang, in the attempt's folder."""
     return folder / "hang.txt"
+
+
+def devices_by_host(value: str) -> dict[str, str]:
+    """LAUNCHER_DEVICES's value, "host=0,2;other=1" -> {"host": "0,2", "other": "1"} (a hostfile's ``gpus=``)."""
+    return dict(entry.partition("=")[::2] for entry in value.split(";") if entry)
