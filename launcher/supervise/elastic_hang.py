@@ -17,7 +17,6 @@ holds no step timeout: the ring waits for it, within the init timeout.
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import sys
 import threading
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.plan.types import LaunchPlan
-from launcher.supervise.procs import alive, environ_of, signal_pids, stat_fields
+from launcher.supervise.procs import STACKS_WAIT_S, alive, environ_of, signal_pids, stacks_then_kill, stat_fields
 from launcher.supervise.supervisor import Supervisor
 from launcher.supervise.watch import Timeouts
 from workers import contract, events
@@ -35,7 +34,6 @@ from workers.contract import PHASES
 from workers.files import read_json
 
 WATCH_EVERY_S = 0.5  # how often the records are read, as the supervisor's watch
-STACKS_WAIT_S = 3.0  # how long the stuck worker gets to write its stack
 
 
 @dataclass
@@ -99,12 +97,7 @@ class ElasticHangWatch:
         now = time.monotonic()
         stacks = contract.rank_file(self.folder, worker.slot, contract.STACKS).resolve()  # its own, not the link
         before, stopped = _size(stacks), worker.stopped
-        signal_pids([worker.pid], signal.SIGUSR2)  # faulthandler: every thread's stack
-        signal_pids([worker.pid], signal.SIGCONT)  # a stopped process runs its handler only once continued
-        deadline = now + STACKS_WAIT_S
-        while time.monotonic() < deadline and _size(stacks) <= before:
-            time.sleep(0.1)
-        signal_pids([worker.pid], signal.SIGKILL)
+        stacks_then_kill(lambda sig: signal_pids([worker.pid], sig), lambda: _size(stacks) > before, STACKS_WAIT_S)
         stalled, limit = round(now - worker.seen, 1), self.timeouts.of(worker.phase)
         slot, step = worker.record.get("slot", worker.slot), worker.record.get("step")
         print(f"launcher: horovod elastic: hang: the worker on slot {slot} (pid {worker.pid}) made no progress for "

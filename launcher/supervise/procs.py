@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+STACKS_WAIT_S = 3.0  # how long a hung process gets to write its stack before SIGKILL
+
+
+def stacks_then_kill(send: Callable[[signal.Signals], None], written: Callable[[], bool], wait_s: float) -> None:
+    """A hung process: its stack first (SIGUSR2, faulthandler; SIGCONT, since a stopped process runs the handler
+    only once continued), waited for up to ``wait_s`` until ``written()``, then SIGKILL. ``send`` delivers a signal
+    (to local pids, or through a remote host's node agent)."""
+    send(signal.SIGUSR2)
+    send(signal.SIGCONT)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not written():
+        time.sleep(0.1)
+    send(signal.SIGKILL)
 
 
 def rank_processes(pid: int, marker: str) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -15,14 +16,22 @@ from pathlib import Path
 from typing import TextIO
 
 from launcher.plan.types import Cmd
-from launcher.supervise.procs import GRACE_S, TOKEN_VAR, kill_group, rank_processes, signal_pids, signal_ranks
+from launcher.supervise.procs import (
+    GRACE_S,
+    STACKS_WAIT_S,
+    TOKEN_VAR,
+    kill_group,
+    rank_processes,
+    signal_pids,
+    signal_ranks,
+    stacks_then_kill,
+)
 from launcher.supervise.reaper import Reaper
 from launcher.supervise.respawn import Respawn
 from launcher.supervise.watch import Watch, describe
 from workers import contract, events
 
 WATCH_EVERY_S = 0.5  # how often the rank records are read
-STACKS_WAIT_S = 3.0  # how long ranks get to write their stacks after a hang
 TAIL_LINES = 20  # of the runners' output, for a failure without rank records
 
 
@@ -209,12 +218,8 @@ class Supervisor:
             assert watch.hang is not None
             group_event(cmd, "hang", watch.hang.step, attempt=watch.attempt, phase=watch.hang.phase,
                         stalled_s=watch.hang.stalled_s, stacks=watch.hang.stacks)
-            self._signal_group(index, signal.SIGUSR2)  # faulthandler: the stack into its attempts/N/rank0.stacks
-            self._signal_group(index, signal.SIGCONT)  # a stopped rank runs its handler only once continued
-            deadline = time.monotonic() + STACKS_WAIT_S
-            while time.monotonic() < deadline and not watch.stacks_written():
-                time.sleep(0.1)
-            self._signal_group(index, signal.SIGKILL)  # its torchrun restarts it (the group's own --max-restarts)
+            # the stack into the group's attempts/N/rank0.stacks; killed, its torchrun restarts it (its own budget)
+            stacks_then_kill(functools.partial(self._signal_group, index), watch.stacks_written, STACKS_WAIT_S)
 
     def _signal_group(self, index: int, sig: signal.Signals) -> None:
         """``sig`` to a replica group's rank: a remote group's from its node agent."""
