@@ -176,7 +176,7 @@ def test_a_departed_workers_failure_record_is_in_its_own_folder(tmp_path: Path) 
 @pytest.mark.horovod
 @needs_horovod
 def test_killed_worker_the_other_goes_on_and_it_rejoins(tmp_path: Path) -> None:
-    code, out, err, _ = kill_and_finish(tmp_path, victim=1)
+    code, out, err, survivor = kill_and_finish(tmp_path, victim=1)
     assert code == 0, err[-3000:]
     assert json.loads((tmp_path / "result.json").read_text())["test/accuracy"] >= 0.95
     kinds = [(e["kind"], e["size"]) for e in events(tmp_path) if e["kind"] in ("reset", "resumed")]
@@ -188,7 +188,8 @@ def test_killed_worker_the_other_goes_on_and_it_rejoins(tmp_path: Path) -> None:
     slots = [(e["kind"], e["slot"]) for e in events(tmp_path) if e["kind"] in ("failure", "rejoin")]
     assert len(slots) == 2 and slots[0][0] == "failure" and slots[1] == ("rejoin", slots[0][1]), slots
     [record] = next(e for e in events(tmp_path) if e["kind"] == "failure")["records"]  # the killed worker's
-    assert "/slot1/0/" in record and json.loads(Path(record).read_text())["signal"] == "SIGKILL"
+    failed = json.loads(Path(record).read_text())  # in its own folder, slot<S>/0 (start rank 1 may be on either slot)
+    assert record.endswith("/0/failure.json") and failed["signal"] == "SIGKILL" and failed["pid"] != survivor
     steps = [s for s, _ in tb_scalars(tmp_path)["train/loss"]]
     assert steps[-1] == 600
     assert not run_processes(tmp_path)
