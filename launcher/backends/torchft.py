@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import itertools
 import shutil
 import socket
 from dataclasses import replace
@@ -84,7 +85,7 @@ def placement(plan: LaunchPlan) -> list[tuple[int, str | None, int]]:
     """(group, host, slot) of each replica group this launcher starts: on every host of a hostfile (ssh fan-out),
     else on this node (one launcher per node: node N's groups follow those of nodes 0..N-1)."""
     if plan.hosts:
-        starts = [sum(n for _, n in plan.hosts[:i]) for i in range(len(plan.hosts))]
+        starts = itertools.accumulate((n for _, n in plan.hosts[:-1]), initial=0)  # each host's first group
         return [(start + slot, host, slot) for start, (host, n) in zip(starts, plan.hosts, strict=True)
                 for slot in range(n)]
     first = plan.node_rank * plan.nproc_per_node

@@ -27,6 +27,10 @@ EXPORTED_PREFIXES = ("NCCL_", "GLOO_", "TORCH", "CUDA_", "OMP_", "MKL_", "PYTHON
                      "UCX_", "HF_")
 
 
+SSH_FAILED = 255  # ssh's own exit code: connect, auth, name resolution, a lost connection (a remote command's own
+# code is passed on)
+
+
 def exported_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(EXPORTED_PREFIXES)}
 
@@ -84,7 +88,7 @@ def check_hosts(hosts: Sequence[str], *, config: Path | None, timeout: int, work
                                   text=True, stdin=subprocess.DEVNULL, timeout=timeout + 5)
         except subprocess.TimeoutExpired:
             return host, f"host {host} did not answer over ssh within {timeout}s"
-        if proc.returncode == 255:  # ssh's own failure: connect, auth, name resolution
+        if proc.returncode == SSH_FAILED:
             why = (proc.stderr.strip().splitlines() or ["no reason given"])[-1]
             return host, f"host {host} is unreachable over ssh ({why})"
         if proc.returncode != 0:

@@ -14,9 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from launcher.plan.ssh import SSH_FAILED
 from launcher.plan.types import Cmd
-
-SSH_LOST = 255  # ssh's own failure: the connection or the host is gone (a remote command's own code is passed on)
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Respawn:
         """Schedule command ``index``, which ended with ``code``, to start again if its host was lost and its
         budget allows; returns the console line saying so, else None."""
         tries = self.used.get(index, 0)
-        if code != SSH_LOST or index in self.due or tries >= self.budget:
+        if code != SSH_FAILED or index in self.due or tries >= self.budget:
             return None
         self.used[index] = tries + 1
         delay = self.backoff_s * 2 ** tries
