@@ -204,8 +204,23 @@ class FTComm(SingleProcessComm):
 
 
 def _allreduce_bucket(manager, bucket):  # noqa: ANN001, ANN202 -- DDP checks that annotations, if any, are its own
+    """The bucket's all-reduce, left running while the backward pass goes on (DDP waits for it at the end), as
+    DDP's own hook does. ``Manager.allreduce`` waits for the quorum, zeroes a healing group's bucket and starts the
+    sum; the mean and the error handling are chained here because torchft 0.2.0's lazy chain works only once the
+    work is done (its own hook waits for each bucket, which stops the backward pass meanwhile). A failed all-reduce
+    (a peer died mid-step) hands the bucket back, and the Manager, told of the error, discards the step."""
+    from torchft.manager import _ManagedWork
+
     buffer = bucket.buffer()
-    manager.allreduce(buffer).wait()  # False when a peer failed: the step is discarded, the bucket is moot
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
-    fut.set_result(buffer)
-    return fut
+    work = manager.allreduce(buffer)
+    if not isinstance(work, _ManagedWork):  # the Manager had already failed this step: nothing was sent
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(
+            devices=[buffer.device] if buffer.is_cuda else None)
+        fut.set_result(buffer)
+        return fut
+    participants = manager.num_participants()
+
+    def mean(summed: torch.futures.Future) -> torch.Tensor:
+        summed.value()  # raises if the all-reduce failed
+        return buffer.div_(participants)
+    return manager.wrap_future(work._work.get_future().then(mean), buffer)
