@@ -163,7 +163,7 @@ def kill_once(backoff: float, steps: int, timelines: list[dict[str, float]]) -> 
         setup = min(p.stat().st_mtime for p in new.glob("rank*.stacks"))  # created in setup(), then left empty
         ranks_line = run.first("out", "[rank0]:ranks:", killed)
         resume_line = run.first("out", "[rank0]:resuming from step", killed)
-        waited_to = max(setup, backoff_ends(run_dir / "attempts" / "0", 1, backoff, setup))  # as the ranks wait
+        waited_to = max(setup, backoff_ends(run_dir, 1, backoff, setup))  # as the ranks wait
         marks = [min(respawned) if respawned else None, setup, waited_to, ranks_line, resume_line, first]
         if None in marks:
             raise RuntimeError(f"incomplete restart timeline {marks}:\n{run.tail()}")

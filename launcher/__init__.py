@@ -49,7 +49,7 @@ those run here only. ``--dry-run`` lists the members and their commands.
 Hangs: every rank reports its phase and step; one that makes no progress for ``--hang-timeout``
 (``--init-timeout`` before the first step, ``--checkpoint-timeout`` while saving) is named with
 every rank's phase and last step, all ranks' Python stacks are saved, and the run stops — or
-restarts, under ``--max-restarts``. Restarts wait ``--restart-backoff`` (doubled each time), and an
+restarts, under ``--max-restarts``. Restarts wait ``--restart-backoff`` (doubled in a crash loop), and an
 attempt that failed before its first training step is not restarted. A rank whose own share of the
 step stays above 1.5x the median is named as a straggler (log and TensorBoard).
 Training through failures (``--fault-tolerant``, torchrun backend, one node): torchft's lighthouse and one

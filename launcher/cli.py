@@ -62,7 +62,8 @@ def _hangs(p: argparse.ArgumentParser) -> None:
     w.add_argument("--init-timeout", type=SECONDS, default=900, help="start-up to the first step (default 900)")
     w.add_argument("--checkpoint-timeout", type=SECONDS, default=900, help="one checkpoint save (default 900)")
     w.add_argument("--restart-backoff", type=SECONDS, default=1.0,
-                   help="wait before the first restart, doubled for each next one, at most 30 (default 1)")
+                   help="wait after a failure before the restart, doubled for each restart before it, in a row, that "
+                        "failed before its first step, at most 30 (default 1)")
 
 
 def _fault_tolerance(p: argparse.ArgumentParser) -> None:

@@ -79,14 +79,29 @@ def test_a_restart_waits_the_backoff(tmp_path: Path, attempt: int, waits: bool) 
         assert time.monotonic() - began >= 1.5
 
 
-def test_the_backoff_counts_from_the_failure_and_doubles(tmp_path: Path) -> None:
+def test_the_backoff_counts_from_the_failure_and_doubles_in_a_crash_loop(tmp_path: Path) -> None:
+    from workers.contract import attempt_dir
     from workers.rank import MAX_BACKOFF_S, backoff_ends
 
-    assert backoff_ends(tmp_path, 1, 1.5, now=100.0) == 101.5  # no exit record: the whole delay from now
-    (tmp_path / "rank1.exit.json").write_text('{"at": 90.0}')
-    (tmp_path / "rank0.exit.json").write_text('{"at": 91.0}')
+    def attempt(n: int, *records: tuple[str, str]) -> None:
+        attempt_dir(tmp_path, n).mkdir(parents=True, exist_ok=True)
+        for name, text in records:
+            (attempt_dir(tmp_path, n) / name).write_text(text)
+
+    assert backoff_ends(tmp_path, 1, 1.5, now=100.0) == 101.5  # no record at all: the whole delay from now
+    attempt(0, ("rank0.progress", '{"first_step_at": 0.0, "at": 88.0}      '))
+    assert backoff_ends(tmp_path, 1, 1.5, now=100.0) == 89.5  # SIGKILL (no exit record): from its last sign of life
+    attempt(0, ("rank1.exit.json", '{"at": 90.0}'), ("rank0.exit.json", '{"at": 91.0}'))
     assert backoff_ends(tmp_path, 1, 1.5, now=100.0) == 91.5  # from the first failure: already over
-    assert backoff_ends(tmp_path, 3, 1.5, now=100.0) == 96.0  # doubled per restart
+    for n in (1, 2):  # restarts 1 and 2 failed before their first step: a crash loop
+        attempt(n, ("rank0.exit.json", '{"at": 90.0}'), ("rank0.progress", '{"first_step_at": 0.0, "at": 89.0}'))
+    assert backoff_ends(tmp_path, 3, 1.5, now=100.0) == 96.0  # doubled per restart in it
+    attempt(1, ("rank0.progress", '{"first_step_at": 80.0, "at": 89.0}'))
+    assert backoff_ends(tmp_path, 3, 1.5, now=100.0) == 93.0  # restart 1 trained: the loop is restart 2 alone
+    attempt(2, ("rank0.progress", '{"first_step_at": 85.0, "at": 89.0}'))
+    assert backoff_ends(tmp_path, 3, 1.5, now=100.0) == 91.5  # the last one trained: the base again
+    for n in range(3, 21):
+        attempt(n, ("rank0.exit.json", '{"at": 90.0}'))
     assert backoff_ends(tmp_path, 20, 1.5, now=100.0) == 90.0 + MAX_BACKOFF_S
     assert backoff_ends(tmp_path, 1, 0.0, now=100.0) == 100.0
 

@@ -92,7 +92,7 @@ def setup() -> None:
                     "hostname": socket.gethostname(), **head})
     incarnation.link(folder, own, number)
     if attempt > 0:
-        backoff(contract.attempt_dir(Path(run_dir), attempt - 1), attempt, env.rank)
+        backoff(Path(run_dir), attempt, env.rank)
 
 
 def pin_devices(environ: os._Environ[str]) -> None:
@@ -116,10 +116,10 @@ def _is_this_host(name: str) -> bool:
         return False
 
 
-def backoff(previous: Path, attempt: int, rank: int) -> None:
-    """Wait LAUNCHER_RESTART_BACKOFF_S, doubled per restart, counted from the previous attempt's failure (its
-    first exit record): the restart's own start-up (imports) is part of the wait, not added to it."""
-    left = backoff_ends(previous, attempt, float(os.environ.get(contract.RESTART_BACKOFF_ENV) or 0),
+def backoff(run_dir: Path, attempt: int, rank: int) -> None:
+    """Wait LAUNCHER_RESTART_BACKOFF_S (see :func:`backoff_ends`), counted from the previous attempt's failure:
+    the restart's own start-up (imports) is part of the wait, not added to it."""
+    left = backoff_ends(run_dir, attempt, float(os.environ.get(contract.RESTART_BACKOFF_ENV) or 0),
                         time.time()) - time.time()
     if left > 0:
         if rank == 0:
@@ -127,13 +127,28 @@ def backoff(previous: Path, attempt: int, rank: int) -> None:
         time.sleep(left)
 
 
-def backoff_ends(previous: Path, attempt: int, base: float, now: float) -> float:
-    """When restart ``attempt``'s backoff ends: ``base`` doubled per restart (at most MAX_BACKOFF_S) after the
-    previous attempt's first exit record, or after ``now`` where it left none."""
-    delay = min(base * 2 ** (attempt - 1), MAX_BACKOFF_S)
-    exits = contract.rank_files(previous, contract.EXIT) if delay else []
-    times = [r.get("at", 0) for p in exits if (r := files.read_json(p))]  # (Horovod Elastic: a link may dangle)
-    return (min(times) if times else now) + delay
+def backoff_ends(run_dir: Path, attempt: int, base: float, now: float) -> float:
+    """When restart ``attempt``'s backoff ends: ``base`` after the previous attempt's failure, doubled for each
+    restart before it, in a row, that failed before its first step (a crash loop; one that trained had started
+    well, however it ended), at most MAX_BACKOFF_S. The failure's time: the previous attempt's first exit record,
+    else its ranks' last progress (a SIGKILL leaves no exit record), else ``now``."""
+    if not base:
+        return now
+    crashes = 0
+    while crashes < attempt - 1 and not any(
+            r.get("first_step_at") for r in _records(contract.attempt_dir(run_dir, attempt - 1 - crashes),
+                                                     contract.PROGRESS)):
+        crashes += 1
+    previous = contract.attempt_dir(run_dir, attempt - 1)
+    exits = [r.get("at", now) for r in _records(previous, contract.EXIT)]
+    alive = [r.get("at", now) for r in _records(previous, contract.PROGRESS)]
+    failed_at = min(exits) if exits else max(alive, default=now)
+    return failed_at + min(base * 2 ** crashes, MAX_BACKOFF_S)
+
+
+def _records(folder: Path, kind: str) -> list[dict]:
+    """The attempt folder's rank files of ``kind``, read (Horovod Elastic: a link may dangle)."""
+    return [r for p in contract.rank_files(folder, kind) if (r := files.read_json(p))]
 
 
 def _record_and_die(signum: int, _frame: object) -> None:

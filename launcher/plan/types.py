@@ -44,7 +44,7 @@ class LaunchOptions:
     fusion_threshold_mb: int | None = None  # horovod tuning
     cycle_time_ms: float | None = None  # horovod tuning
     max_restarts: int = 0
-    restart_backoff: float = 1.0  # seconds before the first restart, doubled for each further one
+    restart_backoff: float = 1.0  # seconds from a failure to its restart (workers/rank.py: backoff_ends)
     timeouts: tuple[float, float, float] = (900.0, 300.0, 900.0)  # hang watch: init, step, checkpoint
     job_id: str = "launcher"  # rendezvous id: the same on every node (a run name, a Slurm job id)
     run_dir: Path
