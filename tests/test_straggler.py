@@ -64,6 +64,31 @@ def test_scalars_name_the_slowest_rank() -> None:
                                      "straggler/median_ms": 10.0})
 
 
+def test_a_rank_without_steps_in_the_window_is_left_out() -> None:
+    """Under torchft a group out of the quorum (dead, healing) reports 0: it is neither the median nor judged."""
+    d = StragglerDetector(factor=1.5, windows=1)
+    assert judge(d, [1.0, 0.0]) == [[]]  # alone: nobody to compare with (it was "infx the median 0.0 ms")
+    assert judge(d, [10, 0.0, 31])[0] == ["straggler: rank 2 local step time 31.0 ms is 3.1x the median 10.0 ms "
+                                          "for 1 log windows"]
+    scalars, _ = d.judge([0.0, 0.0])
+    assert scalars["straggler/max_ratio"] == 1.0
+
+
+def test_the_log_step_sums_count_the_ranks_that_were_averaged() -> None:
+    """torchft averages over the groups in the quorum, not the world size: the sums must use that count."""
+    from workers.distributed.comm import agree
+
+    class Quorum(FakeComm):
+        def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor / 2  # two of the three groups in the quorum, each with these values
+
+        def averaged_over(self) -> int:
+            return 2
+
+    loss, (sums,) = agree(Quorum(), torch.tensor(3.0), [1.0, 2.0, 0.0])
+    assert loss == 1.5 and sums == [1.0, 2.0, 0.0]
+
+
 def test_many_stragglers_are_counted_not_listed() -> None:
     d = StragglerDetector(factor=1.5, windows=1)
     times = [10.0] * 10 + [50.0] * (MAX_LINES + 3)

@@ -94,11 +94,12 @@ class StragglerDetector:
         """Rank 0, one log window's mean local time per rank (seconds): (TensorBoard scalars, console lines)."""
         if len(self.behind) != len(times):
             self.behind = [0] * len(times)
-        mid = median(times)
+        # a rank with no step in the window reported 0: under torchft a group out of the quorum, or healing
+        mid = median([t for t in times if t > 0] or [0.0])
         slowest = max(range(len(times)), key=times.__getitem__)
         named = []
         for rank, t in enumerate(times):
-            above = t > self.factor * mid and t - mid > MIN_GAP_S
+            above = mid > 0 and t > self.factor * mid and t - mid > MIN_GAP_S
             self.behind[rank] = self.behind[rank] + 1 if above else 0
             if self.behind[rank] == self.windows:
                 named.append(rank)

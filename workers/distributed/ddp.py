@@ -65,6 +65,10 @@ class SingleProcessComm:
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def averaged_over(self) -> int:
+        """How many ranks :meth:`allreduce_mean` averages over now: the world size (under torchft, the quorum's)."""
+        return self.world_size
+
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 

@@ -199,6 +199,9 @@ class FTComm(SingleProcessComm):
         self.manager.allreduce(tensor).wait()
         return tensor
 
+    def averaged_over(self) -> int:
+        return self.manager.num_participants()
+
     def close(self) -> None:
         self.manager.shutdown(wait=False)
 
