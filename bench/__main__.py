@@ -18,12 +18,12 @@ from pathlib import Path
 from bench.common import RESULTS, save
 from bench.data_suite import data
 from bench.elastic_commit_suite import elastic_commit
-from bench.goodput_suite import goodput, goodput_horovod
+from bench.goodput_suite import goodput, goodput_horovod, goodput_lm
 from bench.recovery_suite import recovery
 from bench.suites import SUITES
 
 SUITES = {**SUITES, "data": data, "recovery": recovery, "goodput": goodput,  # bench/*_suite.py
-          "goodput_horovod": goodput_horovod, "elastic_commit": elastic_commit}
+          "goodput_lm": goodput_lm, "goodput_horovod": goodput_horovod, "elastic_commit": elastic_commit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """The ``goodput`` suite: training through failures, restart-all against ``--fault-tolerant`` (torchft).
 
-    python -m bench goodput [--tiny]
+    python -m bench goodput [--tiny]        # a wider MLP than the default: a step of ~4 ms
+    python -m bench goodput_lm [--tiny]     # the lm suite's decoder: a step of ~50 ms
 
 Real ``python -m launcher`` runs of the built-in trainer, 2 CPU ranks (2 replica groups of 1 rank under
-``--fault-tolerant``), a wider MLP than the default so a step is a few milliseconds of real work. Side by side,
-each for the same wall-clock window from the launcher's start:
+``--fault-tolerant``). torchft's cost is a fixed ~2 ms a step here (a quorum and a commit round), most of a 4 ms
+step and a few per cent of a 50 ms one, hence the two models. Side by side, each for the same wall-clock window
+from the launcher's start:
 
 1. ``plain``: the torchrun backend, no failure: the baseline of samples trained in the window;
 2. ``ft_no_failures``: ``--fault-tolerant``, no failure: torchft's cost per step;
@@ -12,8 +14,9 @@ each for the same wall-clock window from the launcher's start:
    middle one SIGSTOP with ``--hang-timeout 3``): every failure restarts every rank from the last checkpoint;
 4. ``fault_tolerant``: ``--fault-tolerant --max-restarts 20``, the same schedule: the other group goes on, the
    failed group heals;
-5. ``lm_cost_per_step``: torchft's cost per step without failures on the lm suite's CPU decoder (a step of ~50 ms),
-   plain and ``--fault-tolerant`` interleaved (goal: at most 5 % where a step takes 50 ms or more).
+5. ``lm_cost_per_step`` (``goodput`` only): torchft's cost per step without failures on the lm suite's CPU
+   decoder (a step of ~50 ms), plain and ``--fault-tolerant`` interleaved (goal: at most 5 % where a step takes
+   50 ms or more).
 
 At the end of the window the launcher gets SIGTERM; its last checkpoint's step is the progress made. Samples
 trained: step x groups x batch, less (fault tolerant) the samples of the steps a group missed
@@ -96,27 +99,27 @@ def elastic_pids(run_dir: Path) -> dict[int, int]:
 
 
 def run_windows(runs: dict[str, tuple[list[str], list[tuple[float, int, int]], Callable[[Path], dict[int, int]]]],
-                window: float) -> dict[str, dict]:
+                window: float, model: list[str] = MODEL, batch: int = 64) -> dict[str, dict]:
     """Each run of ``runs`` (name: (launcher flags, failure schedule, pid finder)) for ``window`` seconds, one after
-    the other, each with its events.jsonl records."""
+    the other, each with its events.jsonl records. ``model``: the trainer's overrides, ``batch`` per rank."""
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as d:
         for name, (extra, failures, find) in runs.items():
             print(f"goodput: {name} ({window:g} s)", flush=True)
             run_dir = Path(d) / name
-            results[name] = run_window(run_dir, extra, window, failures, find)
+            results[name] = run_window(run_dir, extra, window, failures, find, model, batch)
             results[name]["events"] = events(run_dir)
     return results
 
 
 def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[tuple[float, int, int]],
-               find: Callable[[Path], dict[int, int]]) -> dict[str, object]:
+               find: Callable[[Path], dict[int, int]], model: list[str], batch: int) -> dict[str, object]:
     """One launcher run for ``window_s`` seconds; ``failures``: (seconds after the start, rank, signal), the pid
     of the rank from ``find``."""
     start = time.monotonic()
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 -- the launcher writes it until the end
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "--gpus", "2", "--run-dir", str(run_dir), *extra,
-                             *MODEL], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                             *model], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     done = []
     for at, rank, sig in failures:
@@ -125,7 +128,8 @@ def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[
         pid = find(run_dir).get(rank)
         if pid is not None:
             os.kill(pid, sig)
-            done.append({"at_s": round(time.monotonic() - start, 2), "rank": rank, "signal": signal.Signals(sig).name})
+            done.append({"at_s": round(time.monotonic() - start, 2), "rank": rank, "signal": signal.Signals(sig).name,
+                         "time": round(time.time(), 3)})
     while time.monotonic() - start < window_s:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # stop: the ranks checkpoint where they are and exit
@@ -149,16 +153,20 @@ def run_window(run_dir: Path, extra: list[str], window_s: float, failures: list[
         if record is not None and record.step is not None:
             failure_steps.append(int(record.step))
     return {"step": step, "group_steps_missed": missed, "failure_steps": failure_steps,
-            "samples": (step * 2 - missed) * 64, "failures": done,
+            "samples": (step * 2 - missed) * batch, "failures": done,
             "samples_per_s_median": statistics.median(rates) if rates else None,
             "output": (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")}
 
 
 # the lm suite's CPU decoder (bench/suites.py), a step of ~50 ms on 2 CPU ranks here: torchft's fixed per-step
 # cost against a step of the size the issue's goal is about (>= 50 ms)
-LM = ["model=gpt", "data=synthetic_tokens", "model.layers=2", "model.heads=4", "model.width=128", "data.context=128",
-      "data.vocab_size=512", "data.batch_size=8", "trainer.max_steps=120", "trainer.log_every=20",
-      "trainer.eval_every=1000000", "trainer.checkpoint_every=1000000", "trainer.threads=1"]
+LM_MODEL = ["model=gpt", "data=synthetic_tokens", "model.layers=2", "model.heads=4", "model.width=128",
+            "data.context=128", "data.vocab_size=512", "data.batch_size=8", "trainer.threads=1"]
+LM = [*LM_MODEL, "trainer.max_steps=120", "trainer.log_every=20", "trainer.eval_every=1000000",
+      "trainer.checkpoint_every=1000000"]
+# goodput_lm's: a checkpoint every 20 steps (~1 s; the MLP's every 100 are ~0.4 s)
+LM_WINDOW = [*LM_MODEL, "trainer.max_steps=100000000", "trainer.log_every=10", "trainer.checkpoint_every=20",
+             "trainer.eval_every=100000000"]
 
 
 def cost_per_step(repeats: int) -> dict[str, object]:
@@ -178,6 +186,16 @@ def cost_per_step(repeats: int) -> dict[str, object]:
             "overhead_ms": (ft - plain) * 1e3}
 
 
+def stalls_by_signal(records: list[dict], failures: list[dict]) -> tuple[list[float], list[float]]:
+    """The healthy groups' stall at each ``drop``, after a SIGKILL and after a SIGSTOP (the failure just before)."""
+    by_signal: dict[str, list[float]] = {"SIGKILL": [], "SIGSTOP": []}
+    for drop in (e for e in records if e["kind"] == "drop"):
+        before = [f for f in failures if f["time"] <= drop["time"]]
+        if before:
+            by_signal.setdefault(before[-1]["signal"], []).append(drop["stall_s"])
+    return by_signal["SIGKILL"], by_signal["SIGSTOP"]
+
+
 def time_to_heal(records: list[dict]) -> list[float]:
     """Seconds from each group restart (its rank's first record) to that group's next heal."""
     out = []
@@ -190,6 +208,16 @@ def time_to_heal(records: list[dict]) -> list[float]:
 
 
 def goodput(repeats: int, tiny: bool) -> Result:
+    """The MLP, a step of ~4 ms, and torchft's cost per step on the lm model."""
+    return goodput_of(MODEL, 64, tiny, cost=cost_per_step(1 if tiny else max(repeats, 3)))
+
+
+def goodput_lm(repeats: int, tiny: bool) -> Result:
+    """The lm suite's decoder, a step of ~50 ms: where torchft's fixed cost per step is small, as in real training."""
+    return goodput_of(LM_WINDOW, 8, tiny)
+
+
+def goodput_of(model: list[str], batch: int, tiny: bool, cost: dict[str, object] | None = None) -> Result:
     window, interval = (45.0, 12.0) if tiny else (150.0, 20.0)
     rng = random.Random(0)
     times = [interval * (i + 1) for i in range(int(window // interval) - 1)]
@@ -200,10 +228,10 @@ def goodput(repeats: int, tiny: bool) -> Result:
             # the same restart budget: each group's own is 3 by default, and one rank takes 4 of the failures
             "fault_tolerant": (["--fault-tolerant", "--max-restarts", "20", "--hang-timeout", "3"], schedule,
                                group_pids)}
-    results = run_windows(runs, window)
+    results = run_windows(runs, window, model, batch)
     base = results["plain"]["samples"] or 1
     ft_events = results["fault_tolerant"]["events"]
-    stalls = [e["stall_s"] for e in ft_events if e["kind"] == "drop"]
+    stalls, stop_stalls = stalls_by_signal(ft_events, results["fault_tolerant"]["failures"])
     restarts = [e for e in ft_events if e["kind"] == "restart"]
     heal_s = time_to_heal(ft_events)
     # restart-all: every rank trains again the steps between the checkpoint it resumed from and the failure
@@ -214,27 +242,30 @@ def goodput(repeats: int, tiny: bool) -> Result:
     victims = {f["rank"] for f in results["fault_tolerant"]["failures"]}
     healthy_restarts = sum(1 for e in restarts if e["group"] not in victims)
     payload = {
-        "window_s": window, "interval_s": interval,
+        "window_s": window, "interval_s": interval, "model": model, "batch_per_rank": batch,
+        "step_s": {k: 2 * batch / v["samples_per_s_median"] for k, v in results.items() if v["samples_per_s_median"]},
         "schedule": [{"at_s": t, "rank": r, "signal": signal.Signals(s).name} for t, r, s in schedule],
         "samples": {k: v["samples"] for k, v in results.items()},
         "goodput": {k: v["samples"] / base for k, v in results.items()},
         "ft_cost_per_step": (results["ft_no_failures"]["samples_per_s_median"] or 0)
         / (results["plain"]["samples_per_s_median"] or 1),
-        "healthy_stall_s": Stat.of(stalls).as_dict() if stalls else None,
+        "healthy_stall_s": Stat.of(stalls).as_dict() if stalls else None,  # after a SIGKILL: the goal's
+        "healthy_stall_sigstop_s": stop_stalls,  # the group is dropped when its collective times out
         "time_to_heal_s": Stat.of(heal_s).as_dict() if heal_s else None,
         "steps_redone": {"restart_all": redone_all, "fault_tolerant": healthy_restarts},
         "restart_all_failed_at": failed, "restart_all_resumed_from": resumed,
         "failures": {k: v["failures"] for k, v in results.items()},
         "events": ft_events,
-        "lm_cost_per_step": cost_per_step(1 if tiny else max(repeats, 3)),
-        "goals": GOALS,
+        **({"lm_cost_per_step": cost} if cost else {}),
+        "goals": GOALS if cost else {k: v for k, v in GOALS.items() if not k.startswith("lm_")},
     }
     rows = [(k, v["step"], v["samples"], v["samples"] / base) for k, v in results.items()]
     text = table(rows, ("run", "last step", "samples", "goodput"))
-    text += (f"\nhealthy stall per failure (fault tolerant): {stalls}; time to heal: {[round(x, 2) for x in heal_s]}"
+    text += (f"\nhealthy stall per SIGKILL (fault tolerant): {stalls}, per SIGSTOP: {stop_stalls}; "
+             f"time to heal: {[round(x, 2) for x in heal_s]}"
              f"\nsteps redone: restart-all {redone_all}, fault tolerant (healthy group restarts) {healthy_restarts}"
              f"\ntorchft cost per step, no failures: {payload['ft_cost_per_step']:.3f} of plain torchrun's samples/s"
-             f"\nlm model: {payload['lm_cost_per_step']}")
+             + (f"\nlm model: {cost}" if cost else ""))
     stats = {k: Stat.of([v["samples"] / base]) for k, v in results.items()}
     return payload, lambda p: bar_plot(p, f"goodput over {window:g} s, a failure every {interval:g} s", stats,
                                        "samples / plain's"), text

@@ -97,7 +97,7 @@ def test_every_suite_has_expectations() -> None:
     # data has its own tests (tests/test_bench_data.py); goodput takes minutes even tiny (four runs of a window
     # with failures): what it measures is tested in tests/test_torchft.py and tests/test_horovod_elastic.py, the
     # suites are run for the README
-    assert set(SUITES) == set(EXPECTED) | {"data", "goodput", "goodput_horovod"}
+    assert set(SUITES) == set(EXPECTED) | {"data", "goodput", "goodput_lm", "goodput_horovod"}
 
 
 def test_elastic_commit_default_is_the_measured_choice() -> None:
@@ -124,3 +124,13 @@ def test_suite_runs_tiny_and_writes_json(suite: str, tmp_path: Path) -> None:
     if suite == "allreduce":
         assert all(r["busbw_GBps"] > 0 for r in record["sizes"])
         assert record["sizes"][0]["bytes"] == 4096
+
+
+def test_goodput_sorts_the_stalls_by_the_failure_before_them() -> None:
+    from bench.goodput_suite import stalls_by_signal
+
+    failures = [{"time": 10.0, "signal": "SIGKILL"}, {"time": 30.0, "signal": "SIGSTOP"},
+                {"time": 50.0, "signal": "SIGKILL"}]
+    records = [{"kind": "drop", "time": 10.5, "stall_s": 0.5}, {"kind": "rejoin", "time": 13.0, "stall_s": 0.04},
+               {"kind": "drop", "time": 31.0, "stall_s": 1.01}, {"kind": "drop", "time": 50.6, "stall_s": 0.52}]
+    assert stalls_by_signal(records, failures) == ([0.5, 0.52], [1.01])
