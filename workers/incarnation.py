@@ -65,18 +65,22 @@ def link(folder: Path, own: Path, slot: int) -> None:
         tmp.replace(flat)  # a reader sees the earlier worker's records or this one's, never none
 
 
-def host_slots(run_dir: Path, host: str) -> list[int]:
-    """The slots of ``host``'s line in the hosts file (a host of N slots has N; [] when it is not listed)."""
+def hosts(run_dir: Path) -> dict[str, int]:
+    """{host: slots} of the hosts file's ``host:slots`` lines, in its order ({} when there is none)."""
     try:
         lines = contract.elastic_hosts_file(run_dir).read_text().split()
     except OSError:
-        return []
+        return {}
+    return {name: int(slots) for name, _, slots in (line.rpartition(":") for line in lines)}
+
+
+def host_slots(run_dir: Path, host: str) -> list[int]:
+    """The slots of ``host``'s line in the hosts file (a host of N slots has N; [] when it is not listed)."""
     before = 0
-    for line in lines:
-        name, _, slots = line.rpartition(":")
+    for name, slots in hosts(run_dir).items():
         if name == host:
-            return list(range(before, before + int(slots)))
-        before += int(slots)
+            return list(range(before, before + slots))
+        before += slots
     return []
 
 

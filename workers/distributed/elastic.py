@@ -38,14 +38,6 @@ from workers.rank import _is_this_host
 Position = tuple[int, dict[str, Any], int]  # (step, data position, step of the newest checkpoint saved)
 
 
-def _slots(path: Path) -> dict[str, int]:
-    """{host: slots} of the discovery hosts file (``host:slots`` lines), {} if there is none."""
-    if not path.exists():
-        return {}
-    pairs = (line.rsplit(":", 1) for line in path.read_text().split())
-    return {host: int(n) for host, n in pairs}
-
-
 def local_slots_before(slots: dict[str, int], host: str) -> int:
     """The GPUs taken on this machine by the hosts listed before ``host``. Horovod's local rank counts the workers
     of one host *name*; on one node each rank is a "host" of one slot under another name of this machine
@@ -67,7 +59,7 @@ class ElasticComm(HorovodComm):
         self.attempt = attempt  # the records' attempt folder (the launcher's restarts of horovodrun)
         self.commit_every = max(1, commit_every)
         self.run_dir = run_dir  # events.jsonl's
-        slots = _slots(contract.elastic_hosts_file(run_dir)) if run_dir is not None else {}
+        slots = incarnation.hosts(run_dir) if run_dir is not None else {}
         if offset := local_slots_before(slots, host):
             self.device = pick_device(offset + self.local_rank)
         self.state: Any = None
