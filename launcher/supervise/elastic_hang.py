@@ -22,13 +22,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.plan.types import LaunchPlan
-from launcher.supervise.procs import STACKS_WAIT_S, alive, environ_of, signal_pids, stacks_then_kill, stat_fields
+from launcher.supervise.procs import STACKS_WAIT_S, alive, environ_of, signal_pids, stacks_then_kill
 from launcher.supervise.supervisor import Supervisor
-from launcher.supervise.watch import Timeouts
+from launcher.supervise.watch import Rank, Timeouts
 from workers import contract, events
 from workers.contract import PHASES
 from workers.files import read_json
@@ -36,33 +35,11 @@ from workers.files import read_json
 WATCH_EVERY_S = 0.5  # how often the records are read, as the supervisor's watch
 
 
-@dataclass
-class Worker:
-    """One slot's newest worker, as the launcher last saw it."""
-
-    slot: int
-    record: dict
-    seen: float  # launcher's monotonic clock when the record last changed
-
-    @property
-    def pid(self) -> int:
-        return int(self.record.get("pid", 0))
-
-    @property
-    def phase(self) -> str:
-        return str(self.record.get("phase", contract.INIT))
-
-    @property
-    def stopped(self) -> bool:
-        """SIGSTOPped (or stopped by a tracer): it cannot be anything but the one the others wait for."""
-        return stat_fields(self.pid)[:1] in (["T"], ["t"])
-
-
 class ElasticHangWatch:
     def __init__(self, run_dir: Path, timeouts: Timeouts, attempt: int) -> None:
         self.run_dir, self.timeouts = run_dir, timeouts
         self.folder = contract.attempt_dir(run_dir, attempt)
-        self.workers: dict[int, Worker] = {}  # slot -> its newest worker
+        self.workers: dict[int, Rank] = {}  # slot -> its newest worker
         self.host = socket.gethostname()
         self.ours = f"{contract.RUN_DIR_ENV}={run_dir}".encode()  # in a worker's environment: a pid of this run
 
@@ -74,16 +51,16 @@ class ElasticHangWatch:
                 continue  # caught mid-write, or a link to a worker that has not written yet
             known = self.workers.get(record["rank"])
             if known is None or known.pid != record.get("pid"):  # a worker started again on the slot
-                self.workers[record["rank"]] = Worker(record["rank"], record, now)
+                self.workers[record["rank"]] = Rank(record["rank"], record, now)
             elif known.record != record:
                 known.record, known.seen = record, now
 
-    def live(self) -> list[Worker]:
+    def live(self) -> list[Rank]:
         """Running workers of this run on this host (a slot's record outlives its worker until the next starts)."""
         return [w for w in self.workers.values() if w.record.get("hostname") == self.host and alive(w.pid)
                 and self.ours in environ_of(w.pid)]
 
-    def stuck(self) -> Worker | None:
+    def stuck(self) -> Rank | None:
         """The worker to kill, when every live worker is past its phase's timeout; else None."""
         now, live = time.monotonic(), self.live()
         timed = [w for w in live if self.timeouts.of(w.phase)]
@@ -92,14 +69,14 @@ class ElasticHangWatch:
             return None  # someone still moves, or a worker in start-up holds the ring (within the init timeout)
         return min(over, key=lambda w: (not w.stopped, w.record.get("step", -1), PHASES.index(w.phase), w.seen))
 
-    def kill(self, worker: Worker) -> None:
+    def kill(self, worker: Rank) -> None:
         """Its stack, then SIGKILL; the console line and the event. Only this worker is touched."""
         now = time.monotonic()
-        stacks = contract.rank_file(self.folder, worker.slot, contract.STACKS).resolve()  # its own, not the link
+        stacks = contract.rank_file(self.folder, worker.rank, contract.STACKS).resolve()  # its own, not the link
         before, stopped = _size(stacks), worker.stopped
         stacks_then_kill(lambda sig: signal_pids([worker.pid], sig), lambda: _size(stacks) > before, STACKS_WAIT_S)
         stalled, limit = round(now - worker.seen, 1), self.timeouts.of(worker.phase)
-        slot, step = worker.record.get("slot", worker.slot), worker.record.get("step")
+        slot, step = worker.record.get("slot", worker.rank), worker.record.get("step")
         print(f"launcher: horovod elastic: hang: the worker on slot {slot} (pid {worker.pid}) made no progress for "
               f"{stalled:.0f} s in phase {worker.phase} at step {step} (timeout {limit:g} s): killed, the others go "
               f"on; its stack: {stacks}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.supervise.procs import alive
+from launcher.supervise.procs import alive, stat_fields
 from workers import contract
 from workers.contract import CHECKPOINT, DATA, EVAL, INIT, PHASES, STEP
 from workers.contract.failure import HANG, Failure
@@ -48,7 +48,8 @@ class Timeouts:
 
 @dataclass
 class Rank:
-    """What the launcher knows of one rank in the current attempt."""
+    """What the launcher knows of one rank in the current attempt (under Horovod Elastic: of one slot's newest
+    worker, launcher/supervise/elastic_hang.py)."""
 
     rank: int
     record: dict = field(default_factory=dict)  # the rank's last progress record
@@ -62,6 +63,15 @@ class Rank:
     @property
     def where(self) -> str:
         return f"{self.record.get('host', '?')}:{self.rank}"
+
+    @property
+    def pid(self) -> int:
+        return int(self.record.get("pid", 0))
+
+    @property
+    def stopped(self) -> bool:
+        """SIGSTOPped (or stopped by a tracer): it cannot be anything but the one the others wait for."""
+        return stat_fields(self.pid)[:1] in (["T"], ["t"])
 
 
 class Watch:
