@@ -161,8 +161,8 @@ FT_ARGS = ["--fault-tolerant", "trainer.max_steps=1200", "trainer.checkpoint_eve
 SLOW = {"LAUNCHER_TEST_SLOW_STEP_S": "0.02"}  # ~25 s of training: time to kill a rank mid-run
 
 
-def start_ft(run_dir: Path, token: str) -> subprocess.Popen:
-    return start(run_dir, *FT_ARGS, gpus=2, env={**SLOW, TOKEN_VAR: token})
+def start_ft(run_dir: Path, token: str, *extra: str) -> subprocess.Popen:
+    return start(run_dir, *FT_ARGS, *extra, gpus=2, env={**SLOW, TOKEN_VAR: token})
 
 
 def kill_group_midrun(run_dir: Path, group: int) -> tuple[int, int]:
@@ -176,10 +176,10 @@ def kill_group_midrun(run_dir: Path, group: int) -> tuple[int, int]:
     return other, step
 
 
-def kill_and_finish(run_dir: Path, group: int) -> tuple[int, int, str]:
+def kill_and_finish(run_dir: Path, group: int, *extra: str) -> tuple[int, int, str]:
     """Kill ``group``'s rank mid-run, wait for its heal while the other group keeps its process, let the run end
     (exit 0); returns (the checkpoint step at the kill, the step healed at, the launcher's stdout)."""
-    proc = start_ft(run_dir, f"ft-kill-{group}")
+    proc = start_ft(run_dir, f"ft-kill-{group}", *extra)
     survivor, killed_at = kill_group_midrun(run_dir, group=group)
     wait_for(lambda: any(e["kind"] == "heal" for e in events(run_dir)), timeout=120)
     healed_at = next(e for e in events(run_dir) if e["kind"] == "heal")["step"]
@@ -214,7 +214,8 @@ def test_killed_group_heals_while_the_other_never_stops(tmp_path: Path) -> None:
 @needs_torchft
 def test_group_0_killed_checkpoints_and_tensorboard_go_on_from_group_1(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    killed_at, healed_at, out = kill_and_finish(run_dir, group=0)
+    # a restart 4 s after the kill (~200 steps): group 1 leads the quorum alone long enough to save and log
+    killed_at, healed_at, out = kill_and_finish(run_dir, 0, "--restart-backoff", "4")
     # while group 0 was down, group 1 led the quorum: it wrote the checkpoints and TensorBoard of those steps
     saved_by_1 = [int(line.split("checkpoint step ")[1].split(":")[0]) for line in out.splitlines()
                   if line.startswith("[group1] ") and "checkpoint step " in line]  # (older files are purged)
